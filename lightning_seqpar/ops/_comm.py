@@ -1,0 +1,120 @@
+"""The ring: asynchronous neighbour exchange inside a process group, and the two walks that
+both attention algorithms are built from.
+
+- `ring_visit`: every rank's block visits every rank once; the next block is already in flight
+  while the current one is used.
+- `ring_visit_and_reduce`: the same walk, and each visit returns a partial gradient for the
+  visiting block's owner; partials travel behind the block and arrive home summed after one more
+  hop. This is how dK/dV reach their owner without an all-reduce of the whole sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+# Distinct tags keep the block ring and the gradient ring apart on backends that match by tag
+# (gloo); NCCL matches by issue order, which every rank shares.
+BLOCK_TAG = 0
+GRAD_TAG = 1
+
+
+class Ring:
+    """Send to rank+1 and receive from rank-1 of `group` (default: the world)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        if dist.is_available() and dist.is_initialized():
+            self.size = dist.get_world_size(group)
+            self.rank = dist.get_rank(group)
+        else:
+            self.size, self.rank = 1, 0
+        if self.size > 1:
+            self.next_peer = dist.get_global_rank(group or dist.group.WORLD, (self.rank + 1) % self.size)
+            self.prev_peer = dist.get_global_rank(group or dist.group.WORLD, (self.rank - 1) % self.size)
+
+    def owner(self, step: int) -> int:
+        """Group rank whose block this rank holds at `step` of a walk."""
+        return (self.rank - step) % self.size
+
+    def exchange(self, send: torch.Tensor, tag: int) -> tuple[torch.Tensor, list]:
+        """Post send of `send` to the next rank and a receive from the previous one; returns the
+        receive buffer (valid after `wait`) and the pending requests."""
+        recv = torch.empty_like(send)
+        ops = [
+            dist.P2POp(dist.isend, send, self.next_peer, self.group, tag),
+            dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag),
+        ]
+        return recv, dist.batch_isend_irecv(ops)
+
+
+def collective_device(group) -> torch.device:
+    """Where small bookkeeping tensors must live for collectives on `group`'s backend."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def wait(requests: list) -> None:
+    for request in requests:
+        request.wait()
+
+
+def ring_visit(ring: Ring, local: torch.Tensor, visit: Callable[[int, torch.Tensor], None]) -> None:
+    """Call `visit(owner, block)` once for every rank's block, the local one first."""
+    current = local
+    for step in range(ring.size):
+        last = step == ring.size - 1
+        if not last:
+            incoming, pending = ring.exchange(current, BLOCK_TAG)
+        visit(ring.owner(step), current)
+        if not last:
+            wait(pending)
+            current = incoming
+
+
+def ring_visit_and_reduce(
+    ring: Ring,
+    local: torch.Tensor,
+    visit: Callable[[int, torch.Tensor], torch.Tensor | None],
+    zeros: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """Like `ring_visit`, but `visit(owner, block)` returns this rank's partial gradient for
+    the owner's block (shaped like `zeros()`, or None for zero). Returns the sum over all
+    ranks of the partials for the local block."""
+    if ring.size == 1:
+        partial = visit(ring.rank, local)
+        return zeros() if partial is None else partial
+    current = local
+    carried = carried_pending = None
+    for step in range(ring.size):
+        last = step == ring.size - 1
+        if not last:
+            incoming, pending = ring.exchange(current, BLOCK_TAG)
+        partial = visit(ring.owner(step), current)
+        if carried_pending is not None:
+            # The accumulator for this owner arrived while the block above was computed.
+            wait(carried_pending)
+            partial = carried if partial is None else carried.add_(partial)
+        elif partial is None:
+            partial = zeros()
+        carried, carried_pending = ring.exchange(partial, GRAD_TAG)
+        if not last:
+            wait(pending)
+            current = incoming
+    wait(carried_pending)
+    return carried
+
+
+# torch 2.13 renamed all_gather_into_tensor; older releases (the GPU image's 2.11) lack the new name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
+    """`[W, *local.shape]`: every rank's `local`, indexed by group rank (one collective)."""
+    world = dist.get_world_size(group)
+    gathered = torch.empty((world * local.size(0), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    _all_gather_single(gathered, local.contiguous(), group=group)
+    return gathered.view(world, *local.shape)

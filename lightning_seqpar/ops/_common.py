@@ -1,0 +1,45 @@
+"""Pieces shared by both attention algorithms: argument handling, grouped-query heads and the
+key padding mask."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lightning_seqpar.ops._checks import check_attention_inputs
+from lightning_seqpar.ops._comm import Ring, all_gather_rows
+
+
+def prepare(q, k, v, *, group, scale, layout, key_padding_mask, dropout_p) -> float:
+    """Validate one call (on every rank of `group`) and return the softmax scale."""
+    check_attention_inputs(q, k, v, group=group, layout=layout, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+    return 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+
+
+def gather_key_padding_masks(mask: torch.Tensor | None, ring: Ring) -> torch.Tensor | None:
+    """All ranks' key padding masks, `[W, B, L_local]` bool, indexed by group rank.
+
+    The mask is a few bytes per token, so one all-gather up front is cheaper than sending it
+    around the ring with every block.
+    """
+    if mask is None:
+        return None
+    if ring.size == 1:
+        return mask.unsqueeze(0)
+    local = mask.to(device=collective_device(ring.group), dtype=torch.uint8)
+    return all_gather_rows(local, ring.group).to(device=mask.device, dtype=torch.bool)
+
+
+def expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """K/V heads repeated for grouped-query attention, after they have travelled (query head h
+    reads key head h // groups, as in SDPA's `enable_gqa`)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def reduce_heads(dx: torch.Tensor, groups: int) -> torch.Tensor:
+    """Gradient of `expand_heads`: sum the query heads that shared one K/V head."""
+    if groups == 1:
+        return dx
+    b, h, length, d = dx.shape
+    return dx.view(b, h // groups, groups, length, d).sum(2)

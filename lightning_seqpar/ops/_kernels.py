@@ -1,0 +1,198 @@
+"""Block kernels: one attention call of a ring step that returns (out, lse), and its backward
+from the *global* out and lse of the whole ring.
+
+Every kernel takes q, k, v of equal head counts `[B, H, Lq|Lk, D]` (grouped-query K/V are
+expanded by the caller after they have travelled), an optional additive key bias `[B, 1, 1, Lk]`
+and a square causal flag. `lse` comes back as `[B, H, Lq]` in the accumulation dtype (float64
+for float64 inputs, else float32).
+
+The fused kernels are torch's private SDPA aten ops, whose signatures move between releases;
+they are called by keyword, and `math` (plain matmuls over one block) is always there to fall
+back on and to test against.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+aten = torch.ops.aten
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class MathKernel:
+    """Plain matmul attention of one block: exact, any device and dtype, O(Lq*Lk) memory."""
+
+    name = "math"
+
+    @staticmethod
+    def _probabilities(q, k, *, scale, causal, bias, lse=None):
+        acc = accumulation_dtype(q.dtype)
+        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)
+        if bias is not None:
+            scores = scores + bias.to(acc)
+        if causal:
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        # Rows with no visible key: lse is -inf and exp gives NaN; they contribute nothing.
+        probs = probs.masked_fill(~torch.isfinite(lse).unsqueeze(-1), 0.0)
+        return probs, lse
+
+    def forward(self, q, k, v, *, scale, causal, bias):
+        probs, lse = self._probabilities(q, k, scale=scale, causal=causal, bias=bias)
+        return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype), lse
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
+        probs, _ = self._probabilities(q, k, scale=scale, causal=causal, bias=bias, lse=lse)
+        acc = probs.dtype
+        dout_acc = dout.to(acc)
+        dv = torch.matmul(probs.transpose(-1, -2), dout_acc)
+        dprobs = torch.matmul(dout_acc, v.to(acc).transpose(-1, -2))
+        delta = (dout_acc * out.to(acc)).sum(-1, keepdim=True)
+        dscores = probs.mul_(dprobs.sub_(delta)).mul_(scale)
+        dq = torch.matmul(dscores, k.to(acc))
+        dk = torch.matmul(dscores.transpose(-1, -2), q.to(acc))
+        return dq, dk, dv
+
+
+class CpuFlashKernel:
+    """torch's fused CPU flash attention (`_scaled_dot_product_flash_attention_for_cpu`)."""
+
+    name = "cpu_flash"
+
+    def forward(self, q, k, v, *, scale, causal, bias):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p=0.0, is_causal=causal, attn_mask=bias, scale=scale
+        )
+        return out, lse.to(accumulation_dtype(q.dtype))
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(), lse.to(lse_dtype).contiguous(),
+            dropout_p=0.0, is_causal=causal, attn_mask=bias, scale=scale,
+        )
+
+
+def _empty_like_seed(device) -> torch.Tensor:
+    # Dropout is rejected up front, so the philox state the backward ops ask for is never read.
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+class CudaFlashKernel:
+    """`_scaled_dot_product_flash_attention` (FlashAttention-2): fp16/bf16, no bias."""
+
+    name = "flash"
+
+    def forward(self, q, k, v, *, scale, causal, bias):
+        result = aten._scaled_dot_product_flash_attention(
+            q, k, v, dropout_p=0.0, is_causal=causal, return_debug_mask=False, scale=scale
+        )
+        return result[0], result[1].float()
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
+        seed = _empty_like_seed(q.device)
+        empty = torch.empty(0, dtype=torch.int32, device=q.device)
+        return aten._scaled_dot_product_flash_attention_backward(
+            dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(), lse.float().contiguous(),
+            cum_seq_q=empty, cum_seq_k=empty, max_q=q.size(2), max_k=k.size(2),
+            dropout_p=0.0, is_causal=causal, philox_seed=seed, philox_offset=seed, scale=scale,
+        )
+
+
+class CudaCudnnKernel:
+    """`_scaled_dot_product_cudnn_attention` (cuDNN fused attention): fastest on Hopper."""
+
+    name = "cudnn"
+
+    def forward(self, q, k, v, *, scale, causal, bias):
+        result = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, attn_bias=bias, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal,
+            return_debug_mask=False, scale=scale,
+        )
+        lse = result[1]
+        # Some cuDNN releases return the softmax statistics as [B, H, Lq, 1].
+        return result[0], lse.reshape(lse.shape[:3]).float()
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
+        seed = _empty_like_seed(q.device)
+        empty = torch.empty(0, dtype=torch.int32, device=q.device)
+        out = out.to(q.dtype)
+        # cuDNN wants grad_out laid out like out, and out like q ([B, L, H, D] strides or plain).
+        dout = dout.to(q.dtype).contiguous()
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out.contiguous(), lse.float().unsqueeze(-1).contiguous(),
+            philox_seed=seed, philox_offset=seed, attn_bias=bias if bias is not None else empty.new_empty(0, dtype=q.dtype),
+            cum_seq_q=empty, cum_seq_k=empty, max_q=q.size(2), max_k=k.size(2),
+            dropout_p=0.0, is_causal=causal, scale=scale,
+        )
+
+
+class CudaEfficientKernel:
+    """`_scaled_dot_product_efficient_attention` (memory-efficient): any float dtype, bias."""
+
+    name = "efficient"
+
+    def forward(self, q, k, v, *, scale, causal, bias):
+        if bias is not None:
+            bias = bias.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+        result = aten._scaled_dot_product_efficient_attention(
+            q, k, v, attn_bias=bias, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal, scale=scale
+        )
+        # The lse may come padded along the query dim; keep the real rows.
+        return result[0], result[1][..., : q.size(2)].to(accumulation_dtype(q.dtype))
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
+        seed = _empty_like_seed(q.device)
+        if bias is not None:
+            bias = bias.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout.to(q.dtype).contiguous(), q, k, v, bias, out.to(q.dtype).contiguous(),
+            lse.float().contiguous(), philox_seed=seed, philox_offset=seed, dropout_p=0.0,
+            grad_input_mask=[True, True, True, False], is_causal=causal, scale=scale,
+        )
+        return dq, dk, dv
+
+
+KERNELS = {k.name: k for k in (MathKernel(), CpuFlashKernel(), CudaFlashKernel(), CudaCudnnKernel(), CudaEfficientKernel())}
+
+_OVERRIDE: str | None = os.environ.get("LIGHTNING_SEQPAR_KERNEL") or None
+
+
+def set_block_kernel(name: str | None) -> None:
+    """Force one block kernel by name (see `KERNELS`), or None to choose automatically."""
+    global _OVERRIDE
+    if name is not None and name not in KERNELS:
+        raise ValueError(f"unknown block kernel {name!r}: use one of {sorted(KERNELS)} or None")
+    _OVERRIDE = name
+
+
+def _cudnn_usable(q) -> bool:
+    if not hasattr(aten, "_scaled_dot_product_cudnn_attention"):
+        return False
+    major, _ = torch.cuda.get_device_capability(q.device)
+    return major >= 9 and q.size(-1) in (64, 128)
+
+
+def select_block_kernel(q: torch.Tensor, has_bias: bool):
+    """The kernel for these inputs: the override if set, else the fastest exact one."""
+    if _OVERRIDE is not None:
+        return KERNELS[_OVERRIDE]
+    if q.device.type == "cpu":
+        return KERNELS["cpu_flash"]
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        if has_bias:
+            return KERNELS["efficient"]
+        if _cudnn_usable(q):
+            return KERNELS["cudnn"]
+        return KERNELS["flash"]
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        return KERNELS["efficient"]
+    return KERNELS["math"]

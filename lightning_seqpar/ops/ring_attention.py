@@ -1,0 +1,163 @@
+"""Ring attention with online softmax: O(L_local) memory per rank.
+
+Each rank keeps its queries; key/value blocks travel around the ring. At every step one fused
+block kernel returns (out_b, lse_b) for the visiting block, and the running (out, lse) absorbs
+it in float32. The backward walks the ring again: each block's gradient is computed from the
+*global* out and lse, dQ accumulates at home, and dK/dV ride a second ring behind their block
+until they reach their owner. No tensor spans L_local x L.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
+from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, prepare, reduce_heads
+from lightning_seqpar.ops._kernels import accumulation_dtype, select_block_kernel
+from lightning_seqpar.ops._pieces import causal_step_tasks
+
+# Stand-in for the lse of "no key seen yet". A finite value keeps the merge free of inf - inf;
+# any real lse is larger by ~1e30, so sigmoid weights against it round to exactly 0 or 1.
+EMPTY_LSE = -1.0e30
+
+
+def merge_block_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold one block's (out, lse) into the running (out, lse), in place.
+
+    out' = out - sigmoid(lse_b - lse) * (out - out_b)
+    lse' = max(lse, lse_b) - logsigmoid(|lse - lse_b|)       (= log(e^lse + e^lse_b))
+    """
+    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
+    out.sub_(weight * (out - block_out.to(out.dtype)))
+    lse.copy_(torch.maximum(lse, block_lse) - F.logsigmoid((lse - block_lse).abs()))
+
+
+def _key_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive `[B, 1, 1, Lk]` bias from a key padding mask (True = real key)."""
+    if mask is None:
+        return None
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def _rows_without_keys(mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Which query rows of a block see no real key: `[B, 1, Lq or 1]`."""
+    if causal:
+        return (mask.cumsum(-1) == 0)[:, None, :]
+    return (~mask.any(-1))[:, None, None]
+
+
+def _block_tasks(ring: Ring, owner: int, local_len: int, layout: str, causal: bool):
+    return causal_step_tasks(ring.rank, owner, ring.size, local_len, layout, causal)
+
+
+def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
+    whole = rows.start == 0 and rows.stop == x.size(2)
+    return x if whole else x[:, :, rows].contiguous()
+
+
+def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks):
+    """Returns the local output (dtype of q) and its lse (`[B, Hq, L_local]`, float32/64;
+    +inf on rows that see no key at all, so their backward is zero)."""
+    batch, heads, local_len, _ = q.shape
+    groups = heads // k.size(1)
+    acc = accumulation_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((batch, heads, local_len), EMPTY_LSE, dtype=acc, device=q.device)
+    kernel = select_block_kernel(q, masks is not None)
+
+    def visit(owner: int, kv: torch.Tensor) -> None:
+        for task in _block_tasks(ring, owner, local_len, layout, causal):
+            key_mask = None if masks is None else masks[owner][:, task.k]
+            block_out, block_lse = kernel.forward(
+                _rows(q, task.q),
+                expand_heads(_rows(kv[0], task.k), groups),
+                expand_heads(_rows(kv[1], task.k), groups),
+                scale=scale, causal=task.causal, bias=_key_bias(key_mask, q.dtype),
+            )
+            if key_mask is not None:
+                empty = _rows_without_keys(key_mask, task.causal)
+                block_lse = block_lse.masked_fill(empty, EMPTY_LSE)
+                block_out = block_out.masked_fill(empty.unsqueeze(-1), 0.0)
+            merge_block_(out[:, :, task.q], lse[:, :, task.q], block_out, block_lse)
+
+    ring_visit(ring, torch.stack([k, v]), visit)
+    lse.masked_fill_(lse < EMPTY_LSE / 2, float("inf"))
+    return out.to(q.dtype), lse
+
+
+def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scale, layout, masks):
+    local_len = q.size(2)
+    groups = q.size(1) // k.size(1)
+    acc = accumulation_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kernel = select_block_kernel(q, masks is not None)
+
+    def zeros() -> torch.Tensor:
+        return torch.zeros((2, *k.shape), dtype=acc, device=k.device)
+
+    def visit(owner: int, kv: torch.Tensor) -> torch.Tensor | None:
+        tasks = _block_tasks(ring, owner, local_len, layout, causal)
+        if not tasks:
+            return None
+        dkv = zeros()
+        for task in tasks:
+            key_mask = None if masks is None else masks[owner][:, task.k]
+            dq_b, dk_b, dv_b = kernel.backward(
+                _rows(dout, task.q), _rows(q, task.q),
+                expand_heads(_rows(kv[0], task.k), groups),
+                expand_heads(_rows(kv[1], task.k), groups),
+                _rows(out, task.q), _rows(lse, task.q),
+                scale=scale, causal=task.causal, bias=_key_bias(key_mask, q.dtype),
+            )
+            dq[:, :, task.q] += dq_b
+            dkv[0][:, :, task.k] += reduce_heads(dk_b, groups)
+            dkv[1][:, :, task.k] += reduce_heads(dv_b, groups)
+        return dkv
+
+    dkv = ring_visit_and_reduce(ring, torch.stack([k, v]), visit, zeros)
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, group, causal, scale, layout):
+        ring = Ring(group)
+        masks = gather_key_padding_masks(key_padding_mask, ring)
+        out, lse = ring_attention_forward(q, k, v, ring, causal=causal, scale=scale, layout=layout, masks=masks)
+        ctx.save_for_backward(q, k, v, out, lse, masks)
+        ctx.ring, ctx.causal, ctx.scale, ctx.layout = ring, causal, scale, layout
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, masks = ctx.saved_tensors
+        dq, dk, dv = ring_attention_backward(
+            dout, q, k, v, out, lse, ctx.ring, causal=ctx.causal, scale=ctx.scale, layout=ctx.layout, masks=masks
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "contiguous",
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Exact attention over a sequence cut across the ranks of `group`, O(L_local) memory.
+
+    q: `[B, Hq, L_local, D]`, k, v: `[B, Hkv, L_local, D]` with Hq % Hkv == 0 (K/V travel with
+    Hkv heads). `layout` says how the global sequence was cut across the group's ranks (rank
+    order); `key_padding_mask` `[B, L_local]` bool, True = a real token, sharded like k.
+    Returns the local output `[B, Hq, L_local, D]`. Rows that see no real key give zeros, as
+    `F.scaled_dot_product_attention` does.
+    """
+    scale = prepare(q, k, v, group=group, scale=scale, layout=layout, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+    return _RingAttention.apply(q, k, v, key_padding_mask, group, causal, scale, layout)

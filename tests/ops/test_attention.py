@@ -1,0 +1,114 @@
+"""Both attention algorithms against `F.scaled_dot_product_attention` on the whole sequence in
+one process: the gathered output and the gradients of q, k and v.
+
+Tolerance: relative Frobenius error ||x - ref|| / ||ref|| <= 1e-10 in float64 and <= 1e-5 in
+float32, for every output and gradient.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lightning_seqpar.layout import shard_sequence, unshard_sequence
+from lightning_seqpar.ops import ATTENTION_OPS
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+PIECE = 3  # tokens per layout piece: odd, so nothing lines up with powers of two by accident
+BATCH, HEAD_DIM = 2, 8
+
+
+def make_inputs(seed, world_size, hq, hkv, dtype, masked):
+    """Global q, k, v, upstream gradient and key padding mask, identical on every process."""
+    seq_len = 2 * world_size * PIECE
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(heads):
+        return torch.randn(BATCH, heads, seq_len, HEAD_DIM, generator=gen, dtype=torch.float64).to(dtype)
+
+    q, k, v, dout = randn(hq), randn(hkv), randn(hkv), randn(hq)
+    mask = None
+    if masked:
+        mask = torch.ones(BATCH, seq_len, dtype=torch.bool)
+        # Right padding that leaves the later ranks of a contiguous cut with no real key at all,
+        # and left padding whose first queries see no real key under a causal mask.
+        mask[0, seq_len // 3 :] = False
+        mask[1, :2] = False
+    return q, k, v, dout, mask
+
+
+def reference(q, k, v, dout, mask, causal):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    attn_mask = None
+    if mask is not None or causal:
+        length = q.size(2)
+        attn_mask = torch.ones(BATCH, 1, length, length, dtype=torch.bool)
+        if mask is not None:
+            attn_mask &= mask[:, None, None, :]
+        if causal:
+            attn_mask &= torch.ones(length, length, dtype=torch.bool).tril()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def run_shard(algo, seed, hq, hkv, dtype, masked, causal, layout):
+    """One rank's part: shard the global inputs, run the op, backpropagate the sharded dout."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    q, k, v, dout, mask = make_inputs(seed, world_size, hq, hkv, dtype, masked)
+    local = [shard_sequence(t, 2, rank, world_size, layout).clone().requires_grad_() for t in (q, k, v)]
+    local_mask = None if mask is None else shard_sequence(mask, 1, rank, world_size, layout)
+    out = ATTENTION_OPS[algo](*local, causal=causal, layout=layout, key_padding_mask=local_mask)
+    out.backward(shard_sequence(dout, 2, rank, world_size, layout))
+    return [out.detach()] + [t.grad for t in local]
+
+
+def relative_error(x, ref):
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+HEADS = [(4, 4), (4, 2), (4, 1)]
+CASES = list(itertools.product(["ring", "rsa"], [False, True], ["contiguous", "zigzag"], HEADS, [False, True]))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "algo,causal,layout,heads,masked",
+    CASES,
+    ids=[f"{a}-{'causal' if c else 'full'}-{lay}-h{h[0]}kv{h[1]}-{'mask' if m else 'nomask'}" for a, c, lay, h, m in CASES],
+)
+def test_matches_single_process_sdpa(process_pools, world_size, dtype, algo, causal, layout, heads, masked):
+    seed = hash((world_size, str(dtype), algo, causal, layout, heads, masked)) % 2**31
+    results = process_pools(world_size).run_ok(run_shard, algo, seed, *heads, dtype, masked, causal, layout)
+    q, k, v, dout, mask = make_inputs(seed, world_size, *heads, dtype, masked)
+    expected = reference(q, k, v, dout, mask, causal)
+    for name, i in zip(["out", "dq", "dk", "dv"], range(4)):
+        got = unshard_sequence([r[i] for r in results], 2, layout)
+        assert got.dtype == dtype
+        err = relative_error(got, expected[i])
+        assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("algo", ["ring", "rsa"])
+def test_rows_without_keys_are_zero_with_zero_gradient(algo):
+    """A query that sees no real key (left padding under a causal mask) attends to nothing."""
+    q, k, v, dout, mask = make_inputs(0, 1, 4, 2, torch.float64, masked=True)
+    q.requires_grad_()
+    out = ATTENTION_OPS[algo](q, k, v, causal=True, key_padding_mask=mask)
+    out.backward(dout)
+    assert out[1, :, :2].abs().max() == 0
+    assert q.grad[1, :, :2].abs().max() == 0
+    assert out[1, :, 2:].abs().min() > 0
+
+
+def test_group_of_one_is_sdpa_with_scale():
+    q, k, v, dout, _ = make_inputs(1, 1, 4, 2, torch.float32, masked=False)
+    for algo, causal in itertools.product(["ring", "rsa"], [False, True]):
+        out = ATTENTION_OPS[algo](q, k, v, causal=causal, scale=0.3)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.3, enable_gqa=True)
+        assert relative_error(out, ref) <= 1e-6
