@@ -8,7 +8,7 @@ import math
 import torch
 
 from lightning_seqpar.ops._checks import check_attention_inputs
-from lightning_seqpar.ops._comm import Ring, all_gather_rows
+from lightning_seqpar.ops._comm import Ring, all_gather_rows, collective_device
 
 
 def prepare(q, k, v, *, group, scale, layout, key_padding_mask, dropout_p) -> float:

@@ -1,0 +1,96 @@
+"""What the ring may allocate, which block calls it makes, and the math fallback kernel."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_seqpar.layout import shard_sequence, unshard_sequence
+from lightning_seqpar.ops import ATTENTION_OPS, set_block_kernel
+from tests.ops.test_attention import TOLERANCE, make_inputs, reference, relative_error, run_shard
+
+LOCAL_LEN = 64
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces, and the fused block calls made."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.block_calls: list[tuple[int, int]] = []
+        self.backward_calls: list[tuple[int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.block_calls.append((args[0].size(2), args[1].size(2)))
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
+            self.backward_calls.append((args[1].size(2), args[2].size(2)))
+        return result
+
+
+def largest_tensor(algo, causal, layout):
+    world_size = dist.get_world_size()
+    q, k, v = (torch.randn(1, 1, LOCAL_LEN, 4, requires_grad=True) for _ in range(3))
+    with LargestTensor() as mode:
+        ATTENTION_OPS[algo](q, k, v, causal=causal, layout=layout).sum().backward()
+    return mode.largest, (mode.block_calls, mode.backward_calls), world_size
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ring_never_allocates_local_by_global(process_pools, causal):
+    for largest, _, world_size in process_pools(4).run_ok(largest_tensor, "ring", causal, "zigzag"):
+        assert largest < LOCAL_LEN * LOCAL_LEN * world_size // 2
+    # RSA, for contrast, holds the full score rows by design.
+    for largest, _, world_size in process_pools(4).run_ok(largest_tensor, "rsa", causal, "zigzag"):
+        assert largest >= LOCAL_LEN * LOCAL_LEN * world_size
+
+
+def test_causal_block_calls_skip_masked_steps_and_balance_zigzag(process_pools):
+    """Contiguous: rank r computes r + 1 blocks (the masked ones are skipped, not computed).
+    Zigzag: every rank computes its causal diagonal and W - 1 half blocks, in both passes."""
+    contiguous = [calls for _, calls, _ in process_pools(4).run_ok(largest_tensor, "ring", True, "contiguous")]
+    for rank, (forward, backward) in enumerate(contiguous):
+        assert len(forward) == len(backward) == rank + 1
+    zigzag = [calls for _, calls, _ in process_pools(4).run_ok(largest_tensor, "ring", True, "zigzag")]
+    for forward, backward in zigzag:
+        for calls in (forward, backward):
+            assert calls[0] == (LOCAL_LEN, LOCAL_LEN)
+            assert len(calls) == 4 and all(q * k == LOCAL_LEN * LOCAL_LEN // 2 for q, k in calls[1:])
+
+
+def run_with_kernel(kernel, *args):
+    set_block_kernel(kernel)
+    try:
+        return run_shard(*args)
+    finally:
+        set_block_kernel(None)
+
+
+MATH_CASES = list(itertools.product([False, True], ["contiguous", "zigzag"], [(4, 2)], [False, True]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("causal,layout,heads,masked", MATH_CASES)
+def test_math_fallback_kernel(process_pools, dtype, causal, layout, heads, masked):
+    """The kernel used where no fused one applies must be exact too."""
+    seed = 7
+    results = process_pools(3).run_ok(run_with_kernel, "math", "ring", seed, *heads, dtype, masked, causal, layout)
+    q, k, v, dout, mask = make_inputs(seed, 3, *heads, dtype, masked)
+    expected = reference(q, k, v, dout, mask, causal)
+    for i in range(4):
+        got = unshard_sequence([r[i] for r in results], 2, layout)
+        assert relative_error(got, expected[i]) <= TOLERANCE[dtype]
+
+
+def test_unknown_kernel_name():
+    with pytest.raises(ValueError, match="unknown block kernel 'triton'"):
+        set_block_kernel("triton")
