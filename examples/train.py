@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 # (its overrides, its resolved output directory) in this variable before the launch, and a
 # child replaces its argv with them before Hydra parses anything.
 CHILD_ARGS_ENV = "LIGHTNING_SEQPAR_HYDRA_CHILD_ARGS"
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 def _adopt_parent_job_args() -> None:
@@ -129,11 +130,20 @@ def main(cfg: DictConfig) -> float | None:
 
     if trainer.is_global_zero:
         print(f"model: {model.model.num_params() / 1e6:.2f}M parameters; run directory: {cfg.output_dir}")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-
-    # A multirun runs its jobs in this one process: the next job needs a fresh process group.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    # A multirun runs its jobs one after another in this process. Lightning's launcher leaves
+    # LOCAL_RANK=0 etc. in the environment, which tells the next job's launcher that processes
+    # are "created externally" (so it would start no ranks), and the process group alive.
+    launch_env = {key: os.environ.get(key) for key in LAUNCHER_ENV}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in launch_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     val_loss = trainer.callback_metrics.get("val/loss")
     return None if val_loss is None else float(val_loss)
 

@@ -8,6 +8,7 @@ content changes. Different Python versions ship different sources, hence differe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from pathlib import Path
@@ -23,14 +24,18 @@ def stdlib_root() -> Path:
 
 def stdlib_files(root: Path | None = None) -> list[str]:
     """Relative paths of the stdlib's `.py` files, sorted; installed packages excluded."""
-    root = stdlib_root() if root is None else Path(root)
+    return list(_scan(stdlib_root() if root is None else Path(root)))
+
+
+@functools.lru_cache(maxsize=4)  # walking the tree takes seconds; it doesn't change in a run
+def _scan(root: Path) -> tuple[str, ...]:
     files = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
         if {"site-packages", "dist-packages"} & set(rel.parts):
             continue
         files.append(rel.as_posix())
-    return sorted(files)
+    return tuple(sorted(files))
 
 
 def is_validation_file(rel_path: str, val_percent: float) -> bool:

@@ -110,9 +110,11 @@ class CausalLMModule(L.LightningModule):
         # compute() sums the states over all processes: every chunk of every sample counted once.
         nll_sum, tokens = self.val_nll_sum.compute(), self.val_tokens.compute()
         mean_nll = nll_sum / tokens.clamp(min=1)
+        # The values are already global and equal on every rank; sync_dist's mean leaves them
+        # unchanged (and tells Lightning they are safe to monitor).
         self.log_dict(
             {"val/loss": mean_nll, "val/ppl": mean_nll.exp(), "val/acc": self.val_acc.compute()},
-            prog_bar=True,
+            prog_bar=True, sync_dist=True,
         )
         for metric in (self.val_nll_sum, self.val_tokens, self.val_acc):
             metric.reset()
