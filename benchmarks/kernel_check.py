@@ -1,0 +1,58 @@
+"""Every block kernel on this machine, forced in turn, against SDPA on the global sequence:
+one simulated rank of an 8-rank ring, causal zigzag and non-causal, with and without a key
+padding mask. Prints one line per case and exits non-zero if any error exceeds its tolerance.
+
+    python benchmarks/kernel_check.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.simulated_ring import check_rank  # noqa: E402
+from lightning_seqpar.ops import set_block_kernel  # noqa: E402
+
+# Relative error allowed per dtype: bf16 keeps 8 bits of mantissa (one rounding of the output
+# alone is ~4e-3), fp16 11 bits.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def cases(device):
+    if device == "cuda":
+        yield from [("cudnn", torch.bfloat16), ("flash", torch.bfloat16), ("flash", torch.float16),
+                    ("efficient", torch.bfloat16), ("efficient", torch.float32), ("math", torch.float32), (None, torch.bfloat16)]
+    else:
+        yield from [("cpu_flash", torch.float32), ("cpu_flash", torch.bfloat16), ("math", torch.float64), (None, torch.float32)]
+
+
+def main():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    failures = 0
+    for (kernel, dtype), causal, masked, head_dim in itertools.product(cases(device), [False, True], [False, True], [64, 128]):
+        if kernel in ("cudnn", "flash") and masked:
+            continue  # these kernels take no bias; the selector never gives them a mask
+        set_block_kernel(kernel)
+        try:
+            errors = check_rank("ring", 3, 8, batch=2, hq=8, hkv=2, local_len=256, dim=head_dim, causal=causal,
+                                layout="zigzag", dtype=dtype, device=device, masked=masked, seed=1)
+            worst = max(errors.values())
+            ok = worst <= TOLERANCE[dtype]
+            status = "ok" if ok else "FAIL"
+        except Exception as exc:  # noqa: BLE001 - report every kernel, then fail
+            worst, ok, status = float("nan"), False, f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        finally:
+            set_block_kernel(None)
+        failures += not ok
+        print(f"{kernel or 'auto':>10} {str(dtype):>15} causal={causal!s:5} mask={masked!s:5} D={head_dim:3}  max rel err {worst:.1e}  {status}")
+    print(f"{failures} failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

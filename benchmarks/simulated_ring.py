@@ -1,0 +1,106 @@
+"""One rank of an N-rank ring, simulated in a single process, with an exact reference.
+
+torch's fake process group gives `Ring` the rank and size of a real group; the simulation then
+makes every rank's chunk of K/V (and key padding mask) equal to this rank's, by turning each
+ring exchange into a copy. The compute of that rank is exactly what it would do in a real ring,
+so it can be timed and its peak memory measured on one device, and its result checked against
+SDPA on the global sequence that such a ring would hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lightning_seqpar.layout import shard_sequence, unshard_sequence
+from lightning_seqpar.ops import ATTENTION_OPS, set_input_checks
+from lightning_seqpar.ops import _comm, _common
+
+
+@contextlib.contextmanager
+def fake_group(rank: int, world_size: int):
+    """The default process group as a fake one: ranks and sizes, no communication."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    set_input_checks(False)  # the fake all-gather returns no real records
+    try:
+        yield
+    finally:
+        set_input_checks(True)
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def every_rank_holds_mine():
+    """Ring exchanges return what was sent: every rank's K/V chunk equals this rank's."""
+    original_exchange, original_gather = _comm.Ring.exchange, _common.all_gather_rows
+
+    def exchange(self, send, tag):
+        return send.clone(), []
+
+    def gather(local, group):
+        return local.unsqueeze(0).expand(dist.get_world_size(group), *local.shape).contiguous()
+
+    _comm.Ring.exchange, _common.all_gather_rows = exchange, gather
+    try:
+        yield
+    finally:
+        _comm.Ring.exchange, _common.all_gather_rows = original_exchange, original_gather
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check_rank(algo, rank, world_size, *, batch, hq, hkv, local_len, dim, causal, layout, dtype, device, masked=False, seed=0):
+    """Relative errors (out, dq, dk, dv) of one simulated rank against SDPA on the global
+    sequence in which every rank's K/V chunk equals this rank's."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(heads):
+        return torch.randn(batch, heads, local_len, dim, generator=gen, device=device, dtype=dtype)
+
+    q, k, v, dout = randn(hq), randn(hkv), randn(hkv), randn(hq)
+    mask = None
+    if masked:
+        mask = torch.ones(batch, local_len, dtype=torch.bool, device=device)
+        mask[0, local_len // 3 :] = False
+    local = [t.clone().requires_grad_() for t in (q, k, v)]
+    with fake_group(rank, world_size), every_rank_holds_mine():
+        out = ATTENTION_OPS[algo](*local, causal=causal, layout=layout, key_padding_mask=mask)
+        out.backward(dout)
+
+    def globalize(x, dim_, fill=None):
+        """The global tensor whose chunk for every rank is `x` (or zeros but for this rank)."""
+        chunks = [x if fill is None or r == rank else torch.zeros_like(x) for r in range(world_size)]
+        return unshard_sequence(chunks, dim_, layout)
+
+    ref_inputs = [globalize(q.double(), 2, fill=0), globalize(k.double(), 2), globalize(v.double(), 2)]
+    ref_inputs = [t.requires_grad_() for t in ref_inputs]
+    seq_len = local_len * world_size
+    attn_mask = None
+    if masked or causal:
+        attn_mask = torch.ones(batch, 1, seq_len, seq_len, dtype=torch.bool, device=device)
+        if masked:
+            attn_mask &= globalize(mask, 1)[:, None, None, :]
+        if causal:
+            attn_mask &= torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    ref_out = F.scaled_dot_product_attention(*ref_inputs, attn_mask=attn_mask, enable_gqa=True)
+    ref_out.backward(globalize(dout.double(), 2, fill=0))
+
+    def mine(x):
+        return shard_sequence(x, 2, rank, world_size, layout)
+
+    def summed_over_owners(x):
+        return sum(shard_sequence(x, 2, r, world_size, layout) for r in range(world_size))
+
+    return {
+        "out": relative_error(out.detach(), mine(ref_out.detach())),
+        "dq": relative_error(local[0].grad, mine(ref_inputs[0].grad)),
+        "dk": relative_error(local[1].grad, summed_over_owners(ref_inputs[1].grad)),
+        "dv": relative_error(local[2].grad, summed_over_owners(ref_inputs[2].grad)),
+    }
