@@ -1,0 +1,360 @@
+"""`SeqParStrategy`: Lightning glue for sequence parallelism.
+
+The hooks, in the order Lightning calls them, are the shape of this class:
+
+- `__init__` / `set_world_ranks` (at `Trainer(...)`): validate the configuration, resolve
+  `sp_size`, so a wrong one fails before any process starts;
+- `setup_environment`: the world process group (DDP's), then the cached 2-D ("dp", "sp") mesh;
+- `distributed_sampler_kwargs` / `process_dataloader`: samples split over dp only, dataloader
+  workers seeded by dp rank, so every rank of one SP group reads and augments the same samples;
+- `setup`: swap the attention *before* DDP wrapping, precision and optimizers see the model;
+- `batch_to_device`: cut each sequence for this SP rank, record its global positions, move;
+- `predict_step`: gather the local outputs back into whole sequences;
+- `teardown`: undo the swap, so the model is single-device again outside the run.
+
+Gradients: DDP averages over all W = dp × sp ranks. With `lightning_seqpar.cross_entropy` (or
+`token_mean`) each rank backpropagates its chunk's loss sum times W / N, N the valid tokens of
+the global batch, which makes the average the single-device token-mean gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch.utils.data import DataLoader
+
+from lightning_seqpar.data_utils import POSITION_IDS_KEY, DataParallelShard, gather_sequence, map_tensors, shard_batch
+from lightning_seqpar.layout import LAYOUTS, sequence_positions
+from lightning_seqpar.ops import ATTENTION_OPS
+from lightning_seqpar.swap import RingContext, SwapReport, restore_attention, swap_attention
+from lightning_seqpar.swap import context as ring_contexts
+
+__all__ = ["SeqParStrategy"]
+
+DEFAULT_LAYOUT = "zigzag"
+
+# One mesh per process and world: process groups are expensive and every rank must create them
+# together, so fit/validate/test/predict and later Trainers of the same world reuse them.
+_MESHES: dict[tuple, Any] = {}
+
+
+def _device_mesh(device_type: str, dp_size: int, sp_size: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (device_type, dp_size, sp_size, id(dist.group.WORLD))
+    mesh = _MESHES.get(key)
+    if mesh is None:
+        mesh = _MESHES[key] = init_device_mesh(device_type, (dp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return mesh
+
+
+def _collective_device(group=None) -> torch.device:
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _seed_worker(worker_id: int, dp_rank: int, user_init_fn=None) -> None:
+    """Seed torch, random and numpy of a dataloader worker from the loader's base seed (agreed
+    within the SP group), the worker id and the *dp* rank, then run the user's init function."""
+    pl_worker_init_function(worker_id, rank=dp_rank)
+    if user_init_fn is not None:
+        user_init_fn(worker_id)
+
+
+class SeqParStrategy(DDPStrategy):
+    """Sequence parallelism: each sequence is cut across the `sp_size` ranks of a group,
+    attention runs over the whole sequence through a ring, and groups are data-parallel.
+
+    Args:
+        sp_size: ranks per sequence-parallel group; "auto" = the devices of one node (a ring
+            stays inside a node). Must divide the world size.
+        attention: "ring" (ring attention with online softmax, O(L/sp) memory) or "rsa" (the
+            paper's Ring Self-Attention, quadratic memory: the reference).
+        layout: how sequences are cut: "zigzag" (balanced for causal attention; sequence length
+            a multiple of 2 × sp_size), "contiguous" (a multiple of sp_size), "auto" = zigzag.
+        seq_keys: mapping keys / dataclass fields whose tensors are sequences to cut; None =
+            every tensor whose size along `seq_dim` equals the batch's sequence length.
+        seq_dim: the sequence dim of batch tensors (1 for `[B, L, ...]`).
+        inject_position_ids: add `"position_ids"` (`[B, L_local]` global positions) to mapping
+            batches that don't have one. Always available as `strategy.position_ids`.
+        **kwargs: passed to `DDPStrategy` (`timeout`, `process_group_backend`, `start_method`,
+            DDP arguments, ...).
+    """
+
+    strategy_name = "seqpar"
+
+    def __init__(
+        self,
+        sp_size: int | str = "auto",
+        attention: str = "ring",
+        layout: str = "auto",
+        seq_keys: str | Iterable[str] | None = None,
+        seq_dim: int = 1,
+        inject_position_ids: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not (sp_size == "auto" or (isinstance(sp_size, int) and not isinstance(sp_size, bool) and sp_size >= 1)):
+            raise ValueError(f"sp_size must be a positive int or 'auto' (the devices of one node), got {sp_size!r}")
+        if attention not in ATTENTION_OPS:
+            raise ValueError(
+                f"unknown attention {attention!r}: use attention='ring' (ring attention, O(L/sp) memory) "
+                f"or attention='rsa' (Ring Self-Attention)"
+            )
+        if layout != "auto" and layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}: use 'auto', {', '.join(map(repr, LAYOUTS))}")
+        if not isinstance(seq_dim, int) or isinstance(seq_dim, bool) or seq_dim < 0:
+            raise ValueError(f"seq_dim must be a non-negative int (the sequence dim of batch tensors), got {seq_dim!r}")
+        if isinstance(seq_keys, str):
+            seq_keys = (seq_keys,)
+        super().__init__(**kwargs)
+        self._sp_size_flag = sp_size
+        self._sp_size: int | None = None
+        self.attention = attention
+        self.layout = DEFAULT_LAYOUT if layout == "auto" else layout
+        self.seq_keys = None if seq_keys is None else tuple(seq_keys)
+        self.seq_dim = seq_dim
+        self.inject_position_ids = inject_position_ids
+        self._mesh = None
+        self._swap: SwapReport | None = None
+        self._fastpath_was: bool | None = None
+        self._position_ids: torch.Tensor | None = None
+        self._sequence_length: int | None = None
+        self.summary: str | None = None
+
+    # ----- configuration -------------------------------------------------------------------
+
+    def set_world_ranks(self) -> None:
+        super().set_world_ranks()
+        if self.parallel_devices is not None:
+            self._sp_size = self._resolve_sp_size()
+
+    def _resolve_sp_size(self) -> int:
+        world = self.num_nodes * self.num_processes
+        where = f"{world} processes = {self.num_nodes} node(s) × {self.num_processes} device(s)"
+        sp = self.num_processes if self._sp_size_flag == "auto" else self._sp_size_flag
+        if sp > world:
+            raise ValueError(
+                f"sp_size={sp} is larger than the world ({where}): set sp_size to at most {world}, "
+                f"or give the Trainer more devices/num_nodes"
+            )
+        if world % sp:
+            divisors = [d for d in range(1, world + 1) if world % d == 0]
+            raise ValueError(
+                f"the world ({where}) can't be split into sequence-parallel groups of sp_size={sp}: "
+                f"choose an sp_size that divides {world} ({', '.join(map(str, divisors))}), or change "
+                f"devices/num_nodes to a multiple of {sp}"
+            )
+        return sp
+
+    def _resolved(self) -> int:
+        if self._sp_size is None:
+            raise RuntimeError("SeqParStrategy is not connected to a Trainer yet: sp_size is unknown")
+        return self._sp_size
+
+    # ----- groups ----------------------------------------------------------------------------
+
+    @property
+    def sp_size(self) -> int:
+        return self._resolved()
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self._resolved()
+
+    @property
+    def sp_rank(self) -> int:
+        """Rank inside the sequence-parallel group (which chunk of each sequence it holds)."""
+        return self.global_rank % self._resolved()
+
+    @property
+    def dp_rank(self) -> int:
+        """Which SP group (and so which samples) this rank belongs to."""
+        return self.global_rank // self._resolved()
+
+    @property
+    def mesh(self):
+        """The 2-D `DeviceMesh` ("dp", "sp"); rank r sits at (r // sp_size, r % sp_size)."""
+        if self._mesh is None:
+            raise RuntimeError("the device mesh is built in setup_environment: it doesn't exist yet")
+        return self._mesh
+
+    @property
+    def sp_group(self):
+        return self.mesh.get_group("sp")
+
+    @property
+    def dp_group(self):
+        return self.mesh.get_group("dp")
+
+    @property
+    def position_ids(self) -> torch.Tensor | None:
+        """Global positions (int64 `[L_local]`, on the device) of the tokens this rank holds in
+        the current batch; what RoPE and position embeddings must see (zigzag reorders tokens)."""
+        return self._position_ids
+
+    @property
+    def sequence_length(self) -> int | None:
+        """The global sequence length of the current batch."""
+        return self._sequence_length
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.dp_size, "rank": self.dp_rank}
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._mesh = _device_mesh(self.root_device.type, self.dp_size, self.sp_size)
+
+    # ----- data ------------------------------------------------------------------------------
+
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        if isinstance(dataloader, DataLoader) and dataloader.num_workers > 0:
+            self._seed_workers_by_dp_rank(dataloader)
+        return dataloader
+
+    def _seed_workers_by_dp_rank(self, dataloader: DataLoader) -> None:
+        # Workers draw their base seed from the loader's generator: one seed agreed inside the SP
+        # group makes its ranks' workers draw the same random augmentations; the dp rank, mixed
+        # in per worker, keeps different groups apart.
+        if dataloader.generator is None:
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+            if self.sp_size > 1:
+                seed = seed.to(_collective_device(self.sp_group))
+                dist.broadcast(seed, src=dist.get_global_rank(self.sp_group, 0), group=self.sp_group)
+            dataloader.generator = torch.Generator().manual_seed(int(seed.item()))
+        user_init_fn = dataloader.worker_init_fn
+        if isinstance(user_init_fn, functools.partial) and user_init_fn.func is _seed_worker:
+            return
+        dataloader.worker_init_fn = functools.partial(_seed_worker, dp_rank=self.dp_rank, user_init_fn=user_init_fn)
+
+    def shard_iterable(self, iterable: Iterable) -> DataParallelShard:
+        """The part of an iterable dataset that this rank's SP group reads (item i to dp rank
+        i mod dp_size); call it in `*_dataloader()` hooks."""
+        return DataParallelShard(iterable, self.dp_rank, self.dp_size)
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        device = device or self.root_device
+        problem = None
+        try:
+            local, seq_len = shard_batch(
+                batch, rank=self.sp_rank, world_size=self.sp_size, layout=self.layout,
+                seq_dim=self.seq_dim, seq_keys=self.seq_keys,
+            )
+        except ValueError as err:
+            problem = str(err)
+        self._raise_on_every_rank(problem)
+        self._sequence_length = seq_len
+        positions = sequence_positions(seq_len, self.sp_rank, self.sp_size, self.layout)
+        self._position_ids = positions.to(device)
+        if self.inject_position_ids and isinstance(local, MutableMapping) and POSITION_IDS_KEY not in local:
+            local[POSITION_IDS_KEY] = self._batched_positions(local, positions)
+        return super().batch_to_device(local, device, dataloader_idx)
+
+    def _batched_positions(self, local_batch: Any, positions: torch.Tensor) -> torch.Tensor:
+        local_len = positions.numel()
+        shapes: list[torch.Size] = []
+        map_tensors(local_batch, lambda t, key: shapes.append(t.shape) or t)
+        lead = next((s[: self.seq_dim] for s in shapes if len(s) > self.seq_dim and s[self.seq_dim] == local_len), None)
+        lead = tuple(lead or ())
+        view = positions.view(*([1] * len(lead)), local_len)
+        return view.expand(*lead, local_len)
+
+    def _raise_on_every_rank(self, problem: str | None) -> None:
+        """Raise `problem` on every rank of the world when any rank has one: a rank that raised
+        alone would leave the others waiting in the next collective until the timeout."""
+        if self.world_size == 1 or not dist.is_initialized():
+            if problem:
+                raise ValueError(problem)
+            return
+        flag = torch.tensor([int(problem is not None)], device=_collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return
+        problems: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(problems, problem)
+        first = next(p for p in problems if p)
+        ranks = [r for r, p in enumerate(problems) if p]
+        raise ValueError(f"sequence-parallel batch on rank(s) {ranks}: {first}")
+
+    # ----- model -----------------------------------------------------------------------------
+
+    def setup(self, trainer) -> None:
+        model = self.lightning_module
+        if is_param_in_hook_signature(model.training_step, "dataloader_iter", explicit=True):
+            raise ValueError(
+                "training_step(self, dataloader_iter) fetches batches itself, bypassing the batch "
+                "transfer in which SeqParStrategy cuts each sequence for its rank: write "
+                "training_step(self, batch, batch_idx) instead"
+            )
+        self._swap = swap_attention(model)
+        if self._swap.count == 0:
+            self._swap = None
+            raise ValueError(
+                f"SeqParStrategy found no attention to run through the ring in {type(model).__name__}; "
+                f"training would attend only inside each rank's chunk. nn.MultiheadAttention and modules "
+                f"whose forward calls torch.nn.functional.scaled_dot_product_attention are found "
+                f"automatically; for another attention module call "
+                f"lightning_seqpar.register_attention(YourAttention, ring_forward)"
+            )
+        ring_contexts.activate(RingContext(self.sp_group, self.attention, self.layout))
+        # nn.TransformerEncoderLayer's inference fast path calls a fused kernel with the
+        # attention weights directly, bypassing the swapped forward: chunk-local attention.
+        self._fastpath_was = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        model._device_mesh = self.mesh
+        self.summary = (
+            f"SeqParStrategy: world {self.world_size} = dp {self.dp_size} × sp {self.sp_size}, "
+            f"attention {self.attention}, layout {self.layout}; through the ring: {self._swap.describe()}"
+        )
+        rank_zero_info(self.summary)
+        if self._swap.left_alone:
+            rank_zero_warn(
+                f"SeqParStrategy left these attention-like modules alone (no SDPA call found in their "
+                f"forward, not registered): {sorted(self._swap.left_alone)}. If they attend over the "
+                f"sequence, they see only each rank's chunk: lightning_seqpar.register_attention(...)"
+            )
+        super().setup(trainer)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = super().predict_step(*args, **kwargs)
+        if self._sequence_length is None:
+            return outputs
+        return gather_sequence(
+            outputs, group=self.sp_group, layout=self.layout, seq_dim=self.seq_dim,
+            local_len=self._sequence_length // self.sp_size,
+        )
+
+    def teardown(self) -> None:
+        if self._swap is not None:
+            restore_attention(self._swap)
+            self._swap = None
+        if self._fastpath_was is not None:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath_was)
+            self._fastpath_was = None
+        ring_contexts.deactivate()
+        self._position_ids = self._sequence_length = None
+        super().teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        entries = (
+            ("seqpar", "popen", "scripts, torchrun, SLURM, multi-node"),
+            ("seqpar_spawn", "spawn", "spawned processes"),
+            ("seqpar_fork", "fork", "forked processes"),
+            ("seqpar_notebook", "fork", "Jupyter and other interactive sessions"),
+        )
+        for name, start_method, use in entries:
+            strategy_registry.register(
+                name, cls, description=f"Sequence parallelism, start_method '{start_method}' ({use})",
+                override=True, start_method=start_method,
+            )
