@@ -81,12 +81,29 @@ class CpuFlashKernel:
         )
 
 
-def _empty_like_seed(device) -> torch.Tensor:
-    # Dropout is rejected up front, so the philox state the backward ops ask for is never read.
-    return torch.zeros((), dtype=torch.int64, device=device)
+class _FusedCudaKernel:
+    """Shared plumbing of the CUDA SDPA ops: their backward asks for the forward's philox state
+    (unused, since dropout is rejected up front, but shape-checked), so the latest forward's
+    state is kept and handed back."""
+
+    def __init__(self):
+        self._philox: tuple = (None, None)
+
+    def _philox_state(self, device):
+        seed, offset = self._philox
+        if seed is None or seed.device != device:
+            empty = torch.zeros((), dtype=torch.int64, device=device)
+            return empty, empty
+        return seed, offset
 
 
-class CudaFlashKernel:
+def _like_forward_output(x: torch.Tensor) -> torch.Tensor:
+    """`[B, H, L, D]` values stored as `[B, L, H, D]`, the layout the CUDA SDPA forwards
+    return their output in; their backwards read out and grad_out assuming it."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+class CudaFlashKernel(_FusedCudaKernel):
     """`_scaled_dot_product_flash_attention` (FlashAttention-2): fp16/bf16, no bias."""
 
     name = "flash"
@@ -95,19 +112,19 @@ class CudaFlashKernel:
         result = aten._scaled_dot_product_flash_attention(
             q, k, v, dropout_p=0.0, is_causal=causal, return_debug_mask=False, scale=scale
         )
+        self._philox = (result[6], result[7])
         return result[0], result[1].float()
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
-        seed = _empty_like_seed(q.device)
-        empty = torch.empty(0, dtype=torch.int32, device=q.device)
+        seed, offset = self._philox_state(q.device)
         return aten._scaled_dot_product_flash_attention_backward(
-            dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(), lse.float().contiguous(),
-            cum_seq_q=empty, cum_seq_k=empty, max_q=q.size(2), max_k=k.size(2),
-            dropout_p=0.0, is_causal=causal, philox_seed=seed, philox_offset=seed, scale=scale,
+            _like_forward_output(dout.to(q.dtype)), q, k, v, _like_forward_output(out.to(q.dtype)),
+            lse.float().contiguous(), cum_seq_q=None, cum_seq_k=None, max_q=q.size(2), max_k=k.size(2),
+            dropout_p=0.0, is_causal=causal, philox_seed=seed, philox_offset=offset, scale=scale,
         )
 
 
-class CudaCudnnKernel:
+class CudaCudnnKernel(_FusedCudaKernel):
     """`_scaled_dot_product_cudnn_attention` (cuDNN fused attention): fastest on Hopper."""
 
     name = "cudnn"
@@ -117,25 +134,22 @@ class CudaCudnnKernel:
             q, k, v, attn_bias=bias, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal,
             return_debug_mask=False, scale=scale,
         )
+        self._philox = (result[6], result[7])
         lse = result[1]
-        # Some cuDNN releases return the softmax statistics as [B, H, Lq, 1].
+        # cuDNN returns the softmax statistics as [B, H, Lq, 1].
         return result[0], lse.reshape(lse.shape[:3]).float()
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
-        seed = _empty_like_seed(q.device)
-        empty = torch.empty(0, dtype=torch.int32, device=q.device)
-        out = out.to(q.dtype)
-        # cuDNN wants grad_out laid out like out, and out like q ([B, L, H, D] strides or plain).
-        dout = dout.to(q.dtype).contiguous()
+        seed, offset = self._philox_state(q.device)
         return aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out.contiguous(), lse.float().unsqueeze(-1).contiguous(),
-            philox_seed=seed, philox_offset=seed, attn_bias=bias if bias is not None else empty.new_empty(0, dtype=q.dtype),
-            cum_seq_q=empty, cum_seq_k=empty, max_q=q.size(2), max_k=k.size(2),
+            _like_forward_output(dout.to(q.dtype)), q, k, v, _like_forward_output(out.to(q.dtype)),
+            lse.float().unsqueeze(-1).contiguous(), philox_seed=seed, philox_offset=offset, attn_bias=bias,
+            cum_seq_q=None, cum_seq_k=None, max_q=q.size(2), max_k=k.size(2),
             dropout_p=0.0, is_causal=causal, scale=scale,
         )
 
 
-class CudaEfficientKernel:
+class CudaEfficientKernel(_FusedCudaKernel):
     """`_scaled_dot_product_efficient_attention` (memory-efficient): any float dtype, bias."""
 
     name = "efficient"
@@ -146,16 +160,17 @@ class CudaEfficientKernel:
         result = aten._scaled_dot_product_efficient_attention(
             q, k, v, attn_bias=bias, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal, scale=scale
         )
+        self._philox = (result[2], result[3])
         # The lse may come padded along the query dim; keep the real rows.
         return result[0], result[1][..., : q.size(2)].to(accumulation_dtype(q.dtype))
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
-        seed = _empty_like_seed(q.device)
+        seed, offset = self._philox_state(q.device)
         if bias is not None:
             bias = bias.expand(q.size(0), q.size(1), q.size(2), k.size(2))
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            dout.to(q.dtype).contiguous(), q, k, v, bias, out.to(q.dtype).contiguous(),
-            lse.float().contiguous(), philox_seed=seed, philox_offset=seed, dropout_p=0.0,
+            _like_forward_output(dout.to(q.dtype)), q, k, v, bias, _like_forward_output(out.to(q.dtype)),
+            lse.float().contiguous(), philox_seed=seed, philox_offset=offset, dropout_p=0.0,
             grad_input_mask=[True, True, True, False], is_causal=causal, scale=scale,
         )
         return dq, dk, dv
