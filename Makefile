@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,hf]"
 
 train: install
 	$(PYTHON) examples/train.py
