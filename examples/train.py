@@ -87,7 +87,9 @@ class RunSummary(Callback):
             kind = "resident memory"
         tokens = trainer.strategy.reduce(torch.tensor(float(self.tokens), device=device), reduce_op="sum")
         seconds = trainer.strategy.reduce(torch.tensor(self.seconds, device=device), reduce_op="max")
-        peaks = trainer.strategy.all_gather(torch.tensor(float(peak), device=device)).reshape(-1)
+        peaks = torch.zeros(trainer.world_size, dtype=torch.float64, device=device)
+        peaks[trainer.global_rank] = peak
+        peaks = trainer.strategy.reduce(peaks, reduce_op="sum")  # every rank's peak, on every rank
         if not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
