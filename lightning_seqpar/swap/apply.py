@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lightning_seqpar.swap.context import active_context
-from lightning_seqpar.swap.registry import registered_entry
+from lightning_seqpar.swap.registry import model_hooks, registered_entry
 from lightning_seqpar.swap.sdpa import calls_sdpa, redirect_sdpa
 
 _MARK = "_seqpar_swapped"
@@ -65,10 +65,18 @@ def swap_attention(model: nn.Module) -> SwapReport:
     Already swapped modules are left as they are. Undo with `restore_attention(report)`.
     """
     report = SwapReport()
+    for hook in model_hooks():
+        routing = hook(model)
+        if routing is None:
+            continue
+        report._undo.append((model, [routing]))
+        for module in routing.modules.values():
+            setattr(module, _MARK, ("registered", f"{type(module).__name__} ({routing.label})"))
+            report._undo.append((module, []))
     for name, module in model.named_modules():
         if getattr(module, _MARK, None):
-            kind, _ = getattr(module, _MARK)
-            (report.registered if kind == "registered" else report.sdpa)[name] = type(module).__name__
+            kind, label = getattr(module, _MARK)
+            (report.registered if kind == "registered" else report.sdpa)[name] = label or type(module).__name__
             continue
         found = registered_entry(module)
         if found is not None:

@@ -58,6 +58,28 @@ def unregister_attention(module_class: type) -> None:
     _REGISTRY.pop(module_class, None)
 
 
+# model_hook(model) -> ModelRouting | None: routes whole models that bring their own attention
+# dispatch (e.g. transformers' attention-function registry); see `register_model_hook`.
+_MODEL_HOOKS: list[Callable] = []
+
+
+def register_model_hook(hook: Callable) -> Callable:
+    """Let `hook(model)` route models of a library through the ring during `swap_attention`.
+
+    The hook returns None when `model` holds nothing of its kind, else an object with
+    `modules` (qualified name -> attention module it routes; counted and reported like
+    registered modules, and skipped by the rest of the swap), `label` (how the report names
+    them) and `remove()` (undo, called by `restore_attention`). Registering twice is a no-op.
+    """
+    if hook not in _MODEL_HOOKS:
+        _MODEL_HOOKS.append(hook)
+    return hook
+
+
+def model_hooks() -> tuple[Callable, ...]:
+    return tuple(_MODEL_HOOKS)
+
+
 def registered_entry(module: nn.Module) -> tuple[type, _Entry] | None:
     """The entry for `module`: its class's own, or a base class's when forward isn't overridden."""
     for cls in type(module).__mro__:

@@ -27,16 +27,17 @@ def valid_lengths(n: int, seed: int) -> list[int]:
     return [int(x) for x in torch.randint(2, SEQ_LEN + 1, (n,), generator=gen)]
 
 
-def lm_samples(n: int, seed: int) -> list[dict]:
+def lm_samples(n: int, seed: int, seq_len: int = SEQ_LEN) -> list[dict]:
     """Padded sequences, odd ones left-padded; labels shifted on the whole sequence."""
     gen = torch.Generator().manual_seed(seed + 1)
     samples = []
     for i, length in enumerate(valid_lengths(n, seed)):
+        length = min(length, seq_len)
         tokens = torch.randint(1, VOCAB, (length,), generator=gen)
-        ids = torch.zeros(SEQ_LEN, dtype=torch.long)
-        labels = torch.full((SEQ_LEN,), IGNORE, dtype=torch.long)
-        mask = torch.zeros(SEQ_LEN, dtype=torch.bool)
-        start = SEQ_LEN - length if i % 2 else 0
+        ids = torch.zeros(seq_len, dtype=torch.long)
+        labels = torch.full((seq_len,), IGNORE, dtype=torch.long)
+        mask = torch.zeros(seq_len, dtype=torch.bool)
+        start = seq_len - length if i % 2 else 0
         ids[start : start + length] = tokens
         labels[start : start + length - 1] = tokens[1:]
         mask[start : start + length] = True
@@ -94,6 +95,9 @@ class CausalSelfAttention(nn.Module):
         q, k = rotate(q, positions), rotate(k, positions)
         if self.mask_style == "is_causal":
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif self.mask_style == "window":  # sliding window of 3: no ring can apply it
+            near = torch.ones(length, length, dtype=torch.bool, device=x.device).tril().triu(-2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=near, enable_gqa=True)
         else:
             causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
             mask = causal & attention_mask[:, None, None, :]
@@ -222,10 +226,20 @@ class NoAttention(TrainedModule):
         return self.head(self.embed(batch["input_ids"])), batch["labels"]
 
 
-def build(kind: str, reference: bool, batch_size: int, n_train: int, n_val: int, mask_style: str = "dense", seed: int = 0):
+class IteratorStep(TinyCausalLM):
+    def training_step(self, dataloader_iter):
+        return super().training_step(next(dataloader_iter), 0)
+
+
+def build(
+    kind: str, reference: bool, batch_size: int, n_train: int, n_val: int,
+    mask_style: str = "dense", seed: int = 0, seq_len: int = SEQ_LEN,
+):
     torch.manual_seed(seed)
-    if kind == "lm":
-        data = dict(train=lm_samples(n_train, seed), val=lm_samples(n_val, seed + 100))
+    if kind in ("lm", "iterator_step"):
+        data = dict(train=lm_samples(n_train, seed, seq_len), val=lm_samples(n_val, seed + 100, seq_len))
+        if kind == "iterator_step":
+            return IteratorStep(mask_style=mask_style, reference=reference, batch_size=batch_size, **data)
         return TinyCausalLM(mask_style=mask_style, reference=reference, batch_size=batch_size, **data)
     if kind == "encoder":
         data = dict(train=encoder_samples(n_train, seed), val=encoder_samples(n_val, seed + 100))
