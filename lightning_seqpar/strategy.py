@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch.utils.data import DataLoader
 
 from lightning_seqpar.data_utils import POSITION_IDS_KEY, DataParallelShard, gather_sequence, map_tensors, shard_batch
+from lightning_seqpar.integrations import load_installed as load_installed_integrations
 from lightning_seqpar.layout import LAYOUTS, sequence_positions
 from lightning_seqpar.ops import ATTENTION_OPS
 from lightning_seqpar.swap import RingContext, SwapReport, restore_attention, swap_attention
@@ -296,6 +297,7 @@ class SeqParStrategy(DDPStrategy):
                 "transfer in which SeqParStrategy cuts each sequence for its rank: write "
                 "training_step(self, batch, batch_idx) instead"
             )
+        load_installed_integrations()  # e.g. transformers models: routed by a swap hook
         self._swap = swap_attention(model)
         if self._swap.count == 0:
             self._swap = None
