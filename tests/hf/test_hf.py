@@ -3,8 +3,8 @@ the whole sequence.
 
 For LlamaForCausalLM (multi-head), Qwen2ForCausalLM (grouped-query, q/k/v biases) and
 MistralForCausalLM (one KV head, a sliding window as long as the sequence), built from tiny
-configs: sp_size 2 and 4 (zigzag layout, the strategy's injected global position_ids feeding
-RoPE), right-padded batches whose chunks hold unequal numbers of real tokens (some none), 3
+configs: sp_size 2 and 4 (zigzag and contiguous layouts; global position_ids for RoPE from the
+batch or, when the batch has none, from the integration), right-padded batches whose chunks hold unequal numbers of real tokens (some none), 3
 AdamW steps through `HFCausalLMModule`. The baseline is the same module on one process
 (attn_implementation "sdpa", whole sequences).
 
@@ -66,10 +66,16 @@ def export(trainer, module, directory):
     return dict(state=snapshot(loaded), ckpt_keys=ckpt_keys, attn_implementation=loaded.config._attn_implementation)
 
 
+# Llama: the strategy's injected position_ids (zigzag). Qwen2: none in the batch, so the model
+# must get global positions from the integration's hook. Mistral: the contiguous layout.
+STRATEGY_KWARGS = {"llama": {}, "qwen2": {"inject_position_ids": False}, "mistral": {"layout": "contiguous"}}
+
+
 def on_rank(family, sp_size, export_dir=None):
     _, world = join_pool_world()
     module = Recorded(family, False, GLOBAL_BATCH * sp_size // world, N_TRAIN, N_PREDICT)
-    return fit_and_predict(module, export_dir, devices=world, strategy=SeqParStrategy(sp_size=sp_size))
+    strategy = SeqParStrategy(sp_size=sp_size, **STRATEGY_KWARGS[family])
+    return fit_and_predict(module, export_dir, devices=world, strategy=strategy)
 
 
 @functools.lru_cache(maxsize=None)
