@@ -11,10 +11,26 @@ from lightning_seqpar.ops._checks import check_attention_inputs
 from lightning_seqpar.ops._comm import Ring, all_gather_rows, collective_device
 
 
-def prepare(q, k, v, *, group, scale, layout, key_padding_mask, dropout_p) -> float:
-    """Validate one call (on every rank of `group`) and return the softmax scale."""
+def prepare(q, k, v, *, group, scale, layout, key_padding_mask, dropout_p):
+    """Validate one call (on every rank of `group`); return q, k, v as the op computes them
+    and the softmax scale.
+
+    Under autocast the inputs are cast to the autocast dtype, as autocast does for
+    `F.scaled_dot_product_attention` (e.g. RoPE in float32 beside a bf16 V must not reach the
+    ring as mixed dtypes); the op itself then runs with autocast off, so its float32
+    accumulation stays float32.
+    """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = (t.to(dtype) if t.is_floating_point() else t for t in (q, k, v))
     check_attention_inputs(q, k, v, group=group, layout=layout, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
-    return 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    return q, k, v, 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+
+
+def no_autocast(device: torch.device):
+    """The ops' own arithmetic chooses its precision; autocast must not lower it."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def gather_key_padding_masks(mask: torch.Tensor | None, ring: Ring) -> torch.Tensor | None:

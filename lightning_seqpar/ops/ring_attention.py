@@ -9,11 +9,13 @@ until they reach their owner. No tensor spans L_local x L.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
-from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, prepare, reduce_heads
+from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, no_autocast, prepare, reduce_heads
 from lightning_seqpar.ops._kernels import accumulation_dtype, select_block_kernel
 from lightning_seqpar.ops._pieces import causal_step_tasks
 
@@ -31,6 +33,22 @@ def merge_block_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, 
     weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
     out.sub_(weight * (out - block_out.to(out.dtype)))
     lse.copy_(torch.maximum(lse, block_lse) - F.logsigmoid((lse - block_lse).abs()))
+
+
+# Opt-in while its correctness on every kernel path is being established (benchmarks/kernel_check.py).
+_FUSED_MERGE = os.environ.get("LIGHTNING_SEQPAR_FUSED_MERGE", "0") == "1"
+_compiled_merge = None
+
+
+def _merge_for(device: torch.device):
+    """On CUDA, optionally one compiled kernel instead of ~8 element-wise launches, which cost
+    more than the block itself at 1-2K tokens per rank."""
+    global _compiled_merge
+    if device.type != "cuda" or not _FUSED_MERGE:
+        return merge_block_
+    if _compiled_merge is None:
+        _compiled_merge = torch.compile(merge_block_, dynamic=True, fullgraph=True)
+    return _compiled_merge
 
 
 def _key_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -66,6 +84,7 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((batch, heads, local_len), EMPTY_LSE, dtype=acc, device=q.device)
     kernel = select_block_kernel(q, masks is not None)
+    merge = _merge_for(q.device)
 
     def visit(owner: int, kv: torch.Tensor) -> None:
         for task in _block_tasks(ring, owner, local_len, layout, causal):
@@ -80,7 +99,7 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
                 empty = _rows_without_keys(key_mask, task.causal)
                 block_lse = block_lse.masked_fill(empty, EMPTY_LSE)
                 block_out = block_out.masked_fill(empty.unsqueeze(-1), 0.0)
-            merge_block_(out[:, :, task.q], lse[:, :, task.q], block_out, block_lse)
+            merge(out[:, :, task.q], lse[:, :, task.q], block_out, block_lse)
 
     ring_visit(ring, torch.stack([k, v]), visit)
     lse.masked_fill_(lse < EMPTY_LSE / 2, float("inf"))
@@ -124,8 +143,9 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, group, causal, scale, layout):
         ring = Ring(group)
-        masks = gather_key_padding_masks(key_padding_mask, ring)
-        out, lse = ring_attention_forward(q, k, v, ring, causal=causal, scale=scale, layout=layout, masks=masks)
+        with no_autocast(q.device):
+            masks = gather_key_padding_masks(key_padding_mask, ring)
+            out, lse = ring_attention_forward(q, k, v, ring, causal=causal, scale=scale, layout=layout, masks=masks)
         ctx.save_for_backward(q, k, v, out, lse, masks)
         ctx.ring, ctx.causal, ctx.scale, ctx.layout = ring, causal, scale, layout
         return out
@@ -133,9 +153,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, masks = ctx.saved_tensors
-        dq, dk, dv = ring_attention_backward(
-            dout, q, k, v, out, lse, ctx.ring, causal=ctx.causal, scale=ctx.scale, layout=ctx.layout, masks=masks
-        )
+        with no_autocast(q.device):
+            dq, dk, dv = ring_attention_backward(
+                dout, q, k, v, out, lse, ctx.ring, causal=ctx.causal, scale=ctx.scale, layout=ctx.layout, masks=masks
+            )
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -159,5 +180,5 @@ def ring_attention(
     Returns the local output `[B, Hq, L_local, D]`. Rows that see no real key give zeros, as
     `F.scaled_dot_product_attention` does.
     """
-    scale = prepare(q, k, v, group=group, scale=scale, layout=layout, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+    q, k, v, scale = prepare(q, k, v, group=group, scale=scale, layout=layout, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
     return _RingAttention.apply(q, k, v, key_padding_mask, group, causal, scale, layout)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
-from lightning_seqpar.ops._common import gather_key_padding_masks, prepare
+from lightning_seqpar.ops._common import gather_key_padding_masks, no_autocast, prepare
 from lightning_seqpar.ops._kernels import accumulation_dtype
 from lightning_seqpar.ops._pieces import local_positions
 
@@ -106,8 +106,9 @@ class _RingSelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, group, causal, scale, layout):
         ring = Ring(group)
-        masks = gather_key_padding_masks(key_padding_mask, ring)
-        out, probs = rsa_forward(q, k, v, ring, causal=causal, scale=scale, layout=layout, masks=masks)
+        with no_autocast(q.device):
+            masks = gather_key_padding_masks(key_padding_mask, ring)
+            out, probs = rsa_forward(q, k, v, ring, causal=causal, scale=scale, layout=layout, masks=masks)
         ctx.save_for_backward(q, k, v, probs)
         ctx.ring, ctx.scale = ring, scale
         return out
@@ -115,7 +116,8 @@ class _RingSelfAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, probs = ctx.saved_tensors
-        dq, dk, dv = rsa_backward(dout, q, k, v, probs, ctx.ring, scale=ctx.scale)
+        with no_autocast(q.device):
+            dq, dk, dv = rsa_backward(dout, q, k, v, probs, ctx.ring, scale=ctx.scale)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -136,5 +138,5 @@ def ring_self_attention(
     Same arguments and result as `ring_attention`; memory per rank holds the full score rows
     `[B, Hq, L_local, L]`, so it is quadratic in L. Kept as the paper's reference algorithm.
     """
-    scale = prepare(q, k, v, group=group, scale=scale, layout=layout, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+    q, k, v, scale = prepare(q, k, v, group=group, scale=scale, layout=layout, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
     return _RingSelfAttention.apply(q, k, v, key_padding_mask, group, causal, scale, layout)

@@ -112,3 +112,19 @@ def test_group_of_one_is_sdpa_with_scale():
         out = ATTENTION_OPS[algo](q, k, v, causal=causal, scale=0.3)
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.3, enable_gqa=True)
         assert relative_error(out, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("algo", ["ring", "rsa"])
+def test_autocast_casts_inputs_like_sdpa(algo):
+    """Under autocast, mixed float32/bf16 inputs (RoPE'd q, k beside a bf16 v) are cast to the
+    autocast dtype as SDPA's are, and the gradients flow back in each input's own dtype."""
+    q, k, v, dout, _ = make_inputs(3, 1, 4, 2, torch.float32, masked=False)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    v = v.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ATTENTION_OPS[algo](q, k, v, causal=True)
+        ref = F.scaled_dot_product_attention(q, k, v.float(), is_causal=True, enable_gqa=True)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out.float(), ref.float()) <= 2e-2
+    out.float().backward(dout)
+    assert q.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16

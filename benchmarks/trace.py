@@ -1,0 +1,106 @@
+"""A torch.profiler trace of one simulated rank of the ring (forward + backward), and how much
+of the transfer time is hidden behind compute.
+
+The simulated transfer (benchmarks/simulated_ring.py) runs on its own CUDA stream, as NCCL's
+kernels do; the trace shows whether the next block's transfer overlaps the current block's
+attention kernel. Overlap = time during which a transfer kernel and a compute kernel run at
+once, divided by the transfer kernels' total time.
+
+    python benchmarks/trace.py --tokens 8192
+
+Writes benchmarks/results/trace_ring_<tokens>.json (Chrome trace, open in Perfetto) and
+benchmarks/results/trace_<device>.json (the summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, card, write_result  # noqa: E402
+from benchmarks.simulated_ring import every_rank_holds_mine, fake_group  # noqa: E402
+from lightning_seqpar.ops import ring_attention  # noqa: E402
+
+
+def _union(intervals):
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def _intersection(a, b):
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def overlap_summary(trace_path: Path) -> dict:
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    # Device-side work: kernels, and the copies (a simulated transfer is a device-to-device copy).
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy") and "dur" in e]
+    by_stream: dict[int, list] = {}
+    for e in kernels:
+        by_stream.setdefault(e["args"].get("stream", e.get("tid")), []).append((e["ts"], e["ts"] + e["dur"]))
+    # The compute stream is the one with the most kernel time; the others carry the transfers.
+    busy = {s: sum(end - start for start, end in _union(iv)) for s, iv in by_stream.items()}
+    compute = max(busy, key=busy.get)
+    compute_iv = _union(by_stream[compute])
+    transfer_iv = _union([iv for s, ivs in by_stream.items() if s != compute for iv in ivs])
+    transfer = sum(end - start for start, end in transfer_iv)
+    hidden = _intersection(transfer_iv, compute_iv)
+    return {"compute_stream_us": busy[compute], "transfer_us": transfer, "hidden_us": hidden,
+            "overlap": hidden / transfer if transfer else None, "streams": len(by_stream)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--causal", action="store_true")
+    a = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("the trace needs a CUDA device (streams are what it shows)")
+    q, k, v = (torch.randn(1, a.heads, a.tokens, a.head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    with fake_group(0, a.world_size), every_rank_holds_mine():
+        def step():
+            torch.autograd.grad(ring_attention(q, k, v, causal=a.causal, layout="zigzag"), (q, k, v), grad)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    trace = RESULTS / f"trace_ring_{a.tokens}.json"
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    summary = overlap_summary(trace)
+    print(f"# {card('cuda')} | torch {torch.__version__} | {a.heads} x {a.head_dim} bf16 | N = {a.world_size} | "
+          f"{a.tokens} tokens per rank | {'causal zigzag' if a.causal else 'non-causal'} | forward + backward")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    print(f"compute stream busy {summary['compute_stream_us'] / 1e3:.2f} ms; transfers {summary['transfer_us'] / 1e3:.2f} ms, "
+          f"of which {summary['hidden_us'] / 1e3:.2f} ms ({100 * (summary['overlap'] or 0):.0f}%) ran beside compute")
+    write_result("trace", "cuda", vars(a), [summary], trace=trace.name)
+
+
+if __name__ == "__main__":
+    main()
