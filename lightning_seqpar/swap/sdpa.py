@@ -80,14 +80,14 @@ def sdpa_through_ring(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         )
     key_padding_mask, causal = None, bool(is_causal)
     if attn_mask is not None:
-        if is_causal:
-            raise ValueError("scaled_dot_product_attention: attn_mask and is_causal=True can't both be given")
         try:
             key_padding_mask, kind = decode_sdpa_mask(attn_mask, batch, q_len, k_len)
         except ValueError as err:
             settle_causal(err, ring.group)
             raise
-        causal = settle_causal(kind, ring.group)
+        # torch >= 2.5 takes a mask beside is_causal=True and applies both: a key padding mask
+        # with causal attention, which the ring computes exactly.
+        causal = settle_causal(kind, ring.group) or bool(is_causal)
     return ring.attention(
         query, key, value, causal=causal, scale=scale, key_padding_mask=key_padding_mask, dropout_p=dropout_p
     )
