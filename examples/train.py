@@ -131,7 +131,8 @@ def main(cfg: DictConfig) -> float | None:
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=_instantiate_all(cfg.logger), callbacks=callbacks)
 
     if trainer.is_global_zero:
-        print(f"model: {model.model.num_params() / 1e6:.2f}M parameters; run directory: {cfg.output_dir}")
+        params = sum(p.numel() for p in model.parameters())
+        print(f"model: {params / 1e6:.2f}M parameters; run directory: {cfg.output_dir}")
     # A multirun runs its jobs one after another in this process. Lightning's launcher leaves
     # LOCAL_RANK=0 etc. in the environment, which tells the next job's launcher that processes
     # are "created externally" (so it would start no ranks), and the process group alive.
