@@ -24,6 +24,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
+import lightning_seqpar  # noqa: F401 - registers the strategy names and the config resolvers
+
 # Lightning's subprocess launcher starts ranks 1..N-1 by re-running this script with the
 # parent's command line plus `hydra.run.dir=<the run dir pattern>`. Under `-m` that command
 # line still says "multirun" with the whole sweep, so every child would run all jobs of the

@@ -16,6 +16,13 @@ __version__ = "0.1.0"
 
 SeqParStrategy.register_strategies(StrategyRegistry)
 
+try:  # hydra-core is a dependency, but the package must import where only torch and Lightning are
+    from lightning_seqpar import hydra_resolvers
+except ImportError:
+    pass
+else:
+    hydra_resolvers.register()
+
 __all__ = [
     "DataParallelShard",
     "RingContext",

@@ -8,6 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+import lightning_seqpar  # noqa: F401 - registers the resolvers that trainer/auto.yaml uses
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -32,7 +34,7 @@ def composed(tmp_path):
 
 
 def test_groups_present():
-    assert options("trainer") == ["cpu", "gpu"]
+    assert options("trainer") == ["auto", "cpu", "gpu"]
     assert {"seqpar", "seqpar_spawn", "single"} <= set(options("strategy"))
     assert {"tiny", "llama_125m", "llama_1b"} <= set(options("model"))
     assert {"corpus", "passkey"} <= set(options("data"))
@@ -42,8 +44,18 @@ def test_groups_present():
 def test_defaults(composed):
     cfg = composed()
     assert cfg.strategy._target_ == "lightning_seqpar.SeqParStrategy"
-    assert cfg.trainer.devices == 2 and cfg.trainer.accelerator == "cpu"
+    # This machine has no GPU: the default trainer resolves to 2 CPU processes in float32.
+    assert cfg.trainer.devices == 2 and cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "32-true"
+    assert cfg.trainer.max_steps == composed("trainer=cpu").trainer.max_steps
     assert cfg.data.seq_len >= 2048
+
+
+def test_default_trainer_takes_the_gpus_when_there_are_some(composed, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    trainer = composed().trainer
+    assert (trainer.accelerator, trainer.devices, trainer.precision) == ("cuda", 8, "bf16-mixed")
 
 
 @pytest.mark.parametrize("name", options("model"))
