@@ -34,13 +34,43 @@ def fake_group(rank: int, world_size: int):
         dist.destroy_process_group()
 
 
+class _StreamWork:
+    """What `Ring.exchange` returns for a simulated transfer: waiting makes the compute stream
+    wait for the copy, as waiting on an NCCL request does."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def wait(self):
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+_COPY_STREAMS: dict = {}
+
+
+def _simulated_transfer(send: torch.Tensor):
+    """The received block: a copy of `send`. On CUDA the copy runs on a side stream, like
+    NCCL's kernels, so it overlaps the block compute exactly where a real transfer could."""
+    if not send.is_cuda:
+        return send.clone(), []
+    stream = _COPY_STREAMS.setdefault(send.device, torch.cuda.Stream(send.device))
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        recv = send.clone()
+        event = torch.cuda.Event()
+        event.record(stream)
+    send.record_stream(stream)
+    recv.record_stream(torch.cuda.current_stream())
+    return recv, [_StreamWork(event)]
+
+
 @contextlib.contextmanager
 def every_rank_holds_mine():
     """Ring exchanges return what was sent: every rank's K/V chunk equals this rank's."""
     original_exchange, original_gather = _comm.Ring.exchange, _common.all_gather_rows
 
     def exchange(self, send, tag):
-        return send.clone(), []
+        return _simulated_transfer(send)
 
     def gather(local, group):
         return local.unsqueeze(0).expand(dist.get_world_size(group), *local.shape).contiguous()
@@ -56,9 +86,11 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def check_rank(algo, rank, world_size, *, batch, hq, hkv, local_len, dim, causal, layout, dtype, device, masked=False, seed=0):
+def check_rank(algo, rank, world_size, *, batch, hq, hkv, local_len, dim, causal, layout, dtype, device, masked=False, seed=0,
+               reference_dtype=torch.float64):
     """Relative errors (out, dq, dk, dv) of one simulated rank against SDPA on the global
-    sequence in which every rank's K/V chunk equals this rank's."""
+    sequence in which every rank's K/V chunk equals this rank's. The reference runs in
+    `reference_dtype` (float32 on CUDA reaches long sequences through the O(L) kernels)."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(heads):
@@ -79,18 +111,21 @@ def check_rank(algo, rank, world_size, *, batch, hq, hkv, local_len, dim, causal
         chunks = [x if fill is None or r == rank else torch.zeros_like(x) for r in range(world_size)]
         return unshard_sequence(chunks, dim_, layout)
 
-    ref_inputs = [globalize(q.double(), 2, fill=0), globalize(k.double(), 2), globalize(v.double(), 2)]
+    rd = reference_dtype
+    ref_inputs = [globalize(q.to(rd), 2, fill=0), globalize(k.to(rd), 2), globalize(v.to(rd), 2)]
     ref_inputs = [t.requires_grad_() for t in ref_inputs]
     seq_len = local_len * world_size
     attn_mask = None
-    if masked or causal:
+    if masked:
         attn_mask = torch.ones(batch, 1, seq_len, seq_len, dtype=torch.bool, device=device)
         if masked:
             attn_mask &= globalize(mask, 1)[:, None, None, :]
         if causal:
             attn_mask &= torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-    ref_out = F.scaled_dot_product_attention(*ref_inputs, attn_mask=attn_mask, enable_gqa=True)
-    ref_out.backward(globalize(dout.double(), 2, fill=0))
+    ref_out = F.scaled_dot_product_attention(
+        *ref_inputs, attn_mask=attn_mask, is_causal=causal and not masked, enable_gqa=True
+    )
+    ref_out.backward(globalize(dout.to(rd), 2, fill=0))
 
     def mine(x):
         return shard_sequence(x, 2, rank, world_size, layout)

@@ -1,0 +1,115 @@
+"""Ring efficiency on one device: how close one rank's share of an N-rank ring comes to one
+fused SDPA call on the whole sequence.
+
+    efficiency = time(fused SDPA, whole sequence) / (N x time(one rank's ring work))
+
+One rank of the ring is simulated (benchmarks/simulated_ring.py: fake process group, each
+transfer a copy on a side stream). Before the timings of each shape, that rank's output and
+gradients are checked against SDPA on the global sequence (2 heads, same length and head dim).
+
+    python benchmarks/attention.py                 # CUDA: N = 8, 1K-16K tokens per rank
+    python benchmarks/attention.py --device cpu --tokens 256 512 --heads 4 --world-size 4
+
+Prints a table and writes benchmarks/results/attention_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import card, time_ms, write_result  # noqa: E402
+from benchmarks.simulated_ring import check_rank, every_rank_holds_mine, fake_group  # noqa: E402
+from lightning_seqpar.ops import ATTENTION_OPS  # noqa: E402
+from lightning_seqpar.ops._kernels import select_block_kernel  # noqa: E402
+
+# bf16 keeps 8 mantissa bits: one rounding of the output alone is ~4e-3 relative.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+
+
+def run_shape(a, dim, causal, tokens):
+    device, dtype, n = a.device, getattr(torch, a.dtype), a.world_size
+    heads = a.heads
+    seq_len = n * tokens
+    # Correctness first, on the same sequence length and head dim (2 heads keep it cheap).
+    errors = check_rank("ring", a.rank, n, batch=1, hq=2, hkv=2, local_len=tokens, dim=dim, causal=causal,
+                        layout="zigzag", dtype=dtype, device=device, reference_dtype=torch.float32)
+    worst = max(errors.values())
+    if worst > TOLERANCE[dtype]:
+        raise AssertionError(f"ring is wrong at D={dim} causal={causal} tokens={tokens}: {errors}")
+    row = {"head_dim": dim, "causal": causal, "tokens_per_rank": tokens, "seq_len": seq_len, "max_rel_error": worst}
+
+    def inputs(length):
+        return [torch.randn(1, heads, length, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+    def timings(fn, qkv):
+        forward = time_ms(lambda: fn(*qkv), device, a.reps)
+        grad = torch.randn_like(qkv[0])
+
+        def step():
+            torch.autograd.grad(fn(*qkv), qkv, grad)
+
+        return forward, time_ms(step, device, a.reps)
+
+    whole = inputs(seq_len)
+    row["sdpa_fwd_ms"], row["sdpa_fwdbwd_ms"] = timings(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), whole)
+    del whole
+    local = inputs(tokens)
+    row["block_kernel"] = select_block_kernel(local[0], has_bias=False).name
+    with fake_group(a.rank, n), every_rank_holds_mine():
+        for algo in ("ring", "rsa"):
+            try:
+                fwd, fwdbwd = timings(lambda q, k, v: ATTENTION_OPS[algo](q, k, v, causal=causal, layout="zigzag"), local)
+                row[f"{algo}_fwd_ms"], row[f"{algo}_fwdbwd_ms"] = fwd, fwdbwd
+                row[f"{algo}_fwd_eff"] = row["sdpa_fwd_ms"] / (n * fwd)
+                row[f"{algo}_fwdbwd_eff"] = row["sdpa_fwdbwd_ms"] / (n * fwdbwd)
+            except torch.OutOfMemoryError:
+                row[f"{algo}_oom"] = True
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--world-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", type=Path)
+    a = parser.parse_args()
+    a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+    a.rank = 0  # zigzag gives every rank the same work; the balance benchmark checks that
+    print(f"# {card(a.device)} | torch {torch.__version__} | {a.dtype} | {a.heads} heads | N = {a.world_size} (one rank simulated)")
+    print(f"{'D':>4} {'mask':>7} {'tok/rank':>8} {'kernel':>9} | {'SDPA fwd':>9} {'fwd+bwd':>9} | "
+          f"{'ring fwd':>8} {'eff':>5} {'fwd+bwd':>8} {'eff':>5} | {'RSA fwd':>8} {'eff':>5} {'fwd+bwd':>8} {'eff':>5} | err")
+    rows = []
+    for dim, causal, tokens in itertools.product(a.head_dims, [False, True], a.tokens):
+        row = run_shape(a, dim, causal, tokens)
+        rows.append(row)
+
+        def cells(algo):
+            if row.get(f"{algo}_oom"):
+                return f"{'OOM':>8} {'':>5} {'':>8} {'':>5}"
+            return (f"{row[f'{algo}_fwd_ms']:8.2f} {row[f'{algo}_fwd_eff']:5.2f} "
+                    f"{row[f'{algo}_fwdbwd_ms']:8.2f} {row[f'{algo}_fwdbwd_eff']:5.2f}")
+
+        print(f"{dim:>4} {'causal' if causal else 'full':>7} {tokens:>8} {row['block_kernel']:>9} | "
+              f"{row['sdpa_fwd_ms']:9.2f} {row['sdpa_fwdbwd_ms']:9.2f} | {cells('ring')} | {cells('rsa')} | {row['max_rel_error']:.1e}",
+              flush=True)
+    print("# times in ms; eff = SDPA on the whole sequence / (N x one rank's time); err = max relative error of the checked rank")
+    write_result("attention", a.device, {k: v for k, v in vars(a).items() if k != "out"}, rows, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Timing, card naming and result files shared by the benchmarks."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def card(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def time_ms(fn, device: str, reps: int, warmup: int = 2) -> float:
+    """Median wall time of `fn()` in milliseconds; CUDA work is timed with events."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def write_result(name: str, device: str, config: dict, rows: list, out: Path | None = None, **extra) -> Path:
+    """JSON with the card, torch version, date and the command that produced it."""
+    result = {
+        "benchmark": name,
+        "date": datetime.date.today().isoformat(),
+        "card": card(device),
+        "torch": torch.__version__,
+        "command": " ".join(["python", *sys.argv]),
+        "config": config,
+        **extra,
+        "rows": rows,
+    }
+    out = out or RESULTS / f"{name}_{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"# wrote {out}")
+    return out
