@@ -13,9 +13,10 @@ import hashlib
 import sysconfig
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from lightning_seqpar.data.splits import TrainValDataModule
 
 
 def stdlib_root() -> Path:
@@ -83,7 +84,7 @@ class StdlibCorpus(Dataset):
         }
 
 
-class StdlibCorpusDataModule(L.LightningDataModule):
+class StdlibCorpusDataModule(TrainValDataModule):
     """Byte-level language modelling on the stdlib sources (vocabulary: 256 bytes).
 
     `cache_dir`: where the concatenated splits are saved once built (None: rebuild in every
@@ -127,12 +128,3 @@ class StdlibCorpusDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.train_set = StdlibCorpus(self._split("train"), self.hparams.seq_len)
             self.val_set = StdlibCorpus(self._split("val"), self.hparams.seq_len)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-            num_workers=self.hparams.num_workers, drop_last=True,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import random
 import string
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from lightning_seqpar.data.splits import TrainValDataModule
 
 FILLER_ALPHABET = string.ascii_lowercase + "      "  # spaces ~ 1 in 5: word-like runs
 STATEMENT = " the passkey is {key}. "
@@ -84,7 +85,7 @@ class PasskeyDataset(Dataset):
         }
 
 
-class PasskeyDataModule(L.LightningDataModule):
+class PasskeyDataModule(TrainValDataModule):
     """Train and validation sets of passkey samples (disjoint random streams, same seed)."""
 
     vocab_size = 256
@@ -110,12 +111,3 @@ class PasskeyDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._dataset(self.hparams.train_samples, "train")
         self.val_set = self._dataset(self.hparams.val_samples, "val")
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-            num_workers=self.hparams.num_workers, drop_last=True,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
