@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from lightning_seqpar.layout import check_splittable, shard_sequence, unshard_sequence
 
-__all__ = ["DataParallelShard", "batch_sequence_length", "gather_sequence", "map_tensors", "shard_batch"]
+__all__ = [
+    "DataParallelShard", "batch_digest", "batch_sequence_length", "gather_sequence", "map_tensors", "pad_batch",
+    "shard_batch",
+]
 
 POSITION_IDS_KEY = "position_ids"
 INPUT_IDS_KEY = "input_ids"
@@ -122,6 +126,72 @@ def shard_batch(
         return t
 
     return map_tensors(batch, cut), seq_len
+
+
+def pad_batch(
+    batch: Any,
+    multiple: int,
+    *,
+    pad_values: Mapping[str, int | float | bool],
+    seq_dim: int = 1,
+    seq_keys: Sequence[str] | None = None,
+) -> tuple[Any, int, int]:
+    """Right-pad every sequence tensor of `batch` along `seq_dim` to a multiple of `multiple`.
+
+    Sequence tensors are chosen as in `shard_batch`. A tensor under a key of `pad_values` is
+    padded with that value (e.g. `{"labels": -100}`: padded tokens are ignored by the loss);
+    `position_ids` continue counting (L, L+1, ...); everything else gets 0 (False for bool, so
+    an `attention_mask` marks the padding as not real). Returns `(batch, length, padded
+    length)`; the batch is returned as is when the length is already a multiple.
+
+    Raises ValueError when padding is needed but no sequence tensor sits under a key of
+    `pad_values`: the padded tokens would then count as real labels.
+    """
+    seq_keys = None if seq_keys is None else tuple(seq_keys)
+    seq_len = batch_sequence_length(batch, seq_dim, seq_keys)
+    padded_len = -(-seq_len // multiple) * multiple
+    if padded_len == seq_len:
+        return batch, seq_len, seq_len
+    extra = padded_len - seq_len
+    padded_keys: list[str] = []
+
+    def pad(t: torch.Tensor, key: str | None) -> torch.Tensor:
+        is_1d_positions = key == POSITION_IDS_KEY and t.dim() == 1 and t.size(0) == seq_len
+        if not (is_1d_positions or _is_sequence_tensor(t, key, seq_len, seq_dim, seq_keys)):
+            return t
+        dim = 0 if is_1d_positions else seq_dim
+        shape = list(t.shape)
+        shape[dim] = extra
+        if key == POSITION_IDS_KEY:
+            view = [1] * t.dim()
+            view[dim] = extra
+            tail = torch.arange(seq_len, padded_len, dtype=t.dtype, device=t.device).view(view).expand(shape)
+        else:
+            if key in pad_values:
+                padded_keys.append(key)
+            tail = torch.full(shape, pad_values.get(key, 0), dtype=t.dtype, device=t.device)
+        return torch.cat([t, tail], dim=dim)
+
+    padded = map_tensors(batch, pad)
+    if not padded_keys:
+        raise ValueError(
+            f"pad_to_multiple pads sequence length {seq_len} to {padded_len}, but no sequence tensor of "
+            f"the batch is under one of the keys {sorted(pad_values)} whose padding the loss ignores "
+            f"(the batch holds {sorted({str(k) for k, _ in _tensors(batch)})}): padded tokens would "
+            f"count as real labels. Name your label key in pad_values, e.g. pad_values={{'target': -100}}, "
+            f"or pad the batch yourself"
+        )
+    return padded, seq_len, padded_len
+
+
+def batch_digest(batch: Any) -> int:
+    """A 63-bit hash of every tensor of a batch (its key, dtype, shape and bytes), for checking
+    that the ranks of one sequence-parallel group received the same batch."""
+    digest = hashlib.blake2b(digest_size=8)
+    for key, t in _tensors(batch):
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def gather_sequence(outputs: Any, *, group, layout: str, seq_dim: int, local_len: int) -> Any:

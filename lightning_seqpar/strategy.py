@@ -20,25 +20,41 @@ the global batch, which makes the average the single-device token-mean gradient.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, MutableMapping
+import subprocess
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.utils.data import DataLoader
 
-from lightning_seqpar.data_utils import POSITION_IDS_KEY, DataParallelShard, gather_sequence, map_tensors, shard_batch
+from lightning_seqpar.data_utils import (
+    POSITION_IDS_KEY,
+    DataParallelShard,
+    batch_digest,
+    gather_sequence,
+    map_tensors,
+    pad_batch,
+    shard_batch,
+)
 from lightning_seqpar.integrations import load_installed as load_installed_integrations
-from lightning_seqpar.layout import LAYOUTS, sequence_positions
+from lightning_seqpar.layout import LAYOUTS, required_multiple, sequence_positions, shard_sequence
 from lightning_seqpar.ops import ATTENTION_OPS
 from lightning_seqpar.swap import RingContext, SwapReport, restore_attention, swap_attention
 from lightning_seqpar.swap import context as ring_contexts
 
 __all__ = ["SeqParStrategy"]
+
+# After an exception, how long the launching process lets the ranks it started end by themselves
+# (a failed peer makes their next collective fail at once) before it kills them.
+CHILD_EXIT_GRACE_S = 3.0
+# Words of the errors a rank sees when a collective breaks because another rank failed or hung.
+_PEER_FAILURE_WORDS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Watchdog")
 
 DEFAULT_LAYOUT = "zigzag"
 
@@ -87,6 +103,16 @@ class SeqParStrategy(DDPStrategy):
         seq_dim: the sequence dim of batch tensors (1 for `[B, L, ...]`).
         inject_position_ids: add `"position_ids"` (`[B, L_local]` global positions) to mapping
             batches that don't have one. Always available as `strategy.position_ids`.
+        pad_to_multiple: right-pad a batch whose sequence length the layout can't split to the
+            next multiple (2 × sp_size for zigzag, sp_size for contiguous): tensors under a key of
+            `pad_values` get that value (labels: -100, ignored by the loss), `position_ids`
+            continue counting, others get 0 (an `attention_mask` gets False), and the padded keys
+            are masked in every ring attention. Training equals the unpadded run. False = such a
+            batch raises on every rank, naming the multiple.
+        pad_values: with `pad_to_multiple`, the padding value per key; default `{"labels": -100}`.
+        check_batch_consistency: for the first N batches, hash each whole batch (before the
+            cut) and compare the hashes inside every SP group; a mismatch (a hand-made sampler,
+            augmentation seeded by global rank) raises on every rank. 0 = off.
         **kwargs: passed to `DDPStrategy` (`timeout`, `process_group_backend`, `start_method`,
             DDP arguments, ...).
     """
@@ -101,6 +127,9 @@ class SeqParStrategy(DDPStrategy):
         seq_keys: str | Iterable[str] | None = None,
         seq_dim: int = 1,
         inject_position_ids: bool = True,
+        pad_to_multiple: bool = False,
+        pad_values: Mapping[str, int | float | bool] | None = None,
+        check_batch_consistency: int = 0,
         **kwargs: Any,
     ) -> None:
         if not (sp_size == "auto" or (isinstance(sp_size, int) and not isinstance(sp_size, bool) and sp_size >= 1)):
@@ -114,6 +143,12 @@ class SeqParStrategy(DDPStrategy):
             raise ValueError(f"unknown layout {layout!r}: use 'auto', {', '.join(map(repr, LAYOUTS))}")
         if not isinstance(seq_dim, int) or isinstance(seq_dim, bool) or seq_dim < 0:
             raise ValueError(f"seq_dim must be a non-negative int (the sequence dim of batch tensors), got {seq_dim!r}")
+        if not isinstance(check_batch_consistency, int) or isinstance(check_batch_consistency, bool) or check_batch_consistency < 0:
+            raise ValueError(
+                f"check_batch_consistency is the number of first batches to check (0 = off), got {check_batch_consistency!r}"
+            )
+        if pad_values is not None and not pad_to_multiple:
+            raise ValueError("pad_values only applies with pad_to_multiple=True")
         if isinstance(seq_keys, str):
             seq_keys = (seq_keys,)
         super().__init__(**kwargs)
@@ -124,6 +159,11 @@ class SeqParStrategy(DDPStrategy):
         self.seq_keys = None if seq_keys is None else tuple(seq_keys)
         self.seq_dim = seq_dim
         self.inject_position_ids = inject_position_ids
+        self.pad_to_multiple = pad_to_multiple
+        self.pad_values = dict(pad_values) if pad_values is not None else {"labels": -100}
+        self.check_batch_consistency = check_batch_consistency
+        self._batches_seen = 0
+        self._unpadded_length: int | None = None
         self._mesh = None
         self._swap: SwapReport | None = None
         self._fastpath_was: bool | None = None
@@ -214,6 +254,16 @@ class SeqParStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._mesh = _device_mesh(self.root_device.type, self.dp_size, self.sp_size)
+        self._apply_timeout_to_mesh_groups()
+
+    def _apply_timeout_to_mesh_groups(self) -> None:
+        # new_group() gives the mesh's sub-groups the backend's default timeout (30 min on gloo,
+        # 10 on NCCL), not the world's: without this, `timeout=` would not bound ring attention.
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if self._timeout is None or set_timeout is None:
+            return
+        for name in ("dp", "sp"):
+            set_timeout(self._timeout, self._mesh.get_group(name))
 
     # ----- data ------------------------------------------------------------------------------
 
@@ -245,8 +295,16 @@ class SeqParStrategy(DDPStrategy):
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         device = device or self.root_device
-        problem = None
+        if self._batches_seen < self.check_batch_consistency:
+            self._raise_on_every_rank(self._batch_mismatch(batch))
+        self._batches_seen += 1
+        problem, seq_len, unpadded_len = None, None, None
         try:
+            if self.pad_to_multiple:
+                batch, unpadded_len, _ = pad_batch(
+                    batch, required_multiple(self.sp_size, self.layout), pad_values=self.pad_values,
+                    seq_dim=self.seq_dim, seq_keys=self.seq_keys,
+                )
             local, seq_len = shard_batch(
                 batch, rank=self.sp_rank, world_size=self.sp_size, layout=self.layout,
                 seq_dim=self.seq_dim, seq_keys=self.seq_keys,
@@ -255,11 +313,43 @@ class SeqParStrategy(DDPStrategy):
             problem = str(err)
         self._raise_on_every_rank(problem)
         self._sequence_length = seq_len
+        self._unpadded_length = unpadded_len if unpadded_len != seq_len else None
         positions = sequence_positions(seq_len, self.sp_rank, self.sp_size, self.layout)
         self._position_ids = positions.to(device)
+        if self._unpadded_length is not None:
+            real = torch.arange(seq_len) < self._unpadded_length
+            ring_contexts.set_sequence_padding(shard_sequence(real, 0, self.sp_rank, self.sp_size, self.layout).to(device))
+        else:
+            ring_contexts.set_sequence_padding(None)
         if self.inject_position_ids and isinstance(local, MutableMapping) and POSITION_IDS_KEY not in local:
             local[POSITION_IDS_KEY] = self._batched_positions(local, positions)
         return super().batch_to_device(local, device, dataloader_idx)
+
+    def _batch_mismatch(self, batch: Any) -> str | None:
+        """Compare a hash of the whole batch inside this rank's SP group; a message if they differ."""
+        if self.sp_size == 1 or not dist.is_initialized():
+            return None
+        device = _collective_device(self.sp_group)
+        mine = torch.tensor([batch_digest(batch)], dtype=torch.int64, device=device)
+        digests = [torch.empty_like(mine) for _ in range(self.sp_size)]
+        dist.all_gather(digests, mine, group=self.sp_group)
+        digests = [int(d.item()) for d in digests]
+        if len(set(digests)) == 1:
+            return None
+        members = [dist.get_global_rank(self.sp_group, i) for i in range(self.sp_size)]
+        groups: dict[int, list[int]] = {}
+        for rank, d in zip(members, digests):
+            groups.setdefault(d, []).append(rank)
+        return (
+            f"the ranks {members} of one sequence-parallel group received different batches at batch "
+            f"{self._batches_seen} (ranks with equal batches: {list(groups.values())}); every rank of an "
+            f"SP group must hold the same samples with the same augmentation, or the cut sequences are "
+            f"pieces of different ones. Likely causes: a sampler built by hand with the global rank / "
+            f"world size (use trainer.strategy.distributed_sampler_kwargs: dp rank and dp size, or let "
+            f"Lightning add the sampler), an iterable dataset sharded by global rank (use "
+            f"DataParallelShard / strategy.shard_iterable), or random augmentation seeded by global rank "
+            f"or unseeded in the main process (call lightning.seed_everything(...), and seed by dp rank)"
+        )
 
     def _batched_positions(self, local_batch: Any, positions: torch.Tensor) -> torch.Tensor:
         local_len = positions.numel()
@@ -331,10 +421,40 @@ class SeqParStrategy(DDPStrategy):
         outputs = super().predict_step(*args, **kwargs)
         if self._sequence_length is None:
             return outputs
-        return gather_sequence(
+        outputs = gather_sequence(
             outputs, group=self.sp_group, layout=self.layout, seq_dim=self.seq_dim,
             local_len=self._sequence_length // self.sp_size,
         )
+        if self._unpadded_length is None:
+            return outputs
+        seq_len, real_len, dim = self._sequence_length, self._unpadded_length, self.seq_dim
+
+        def unpad(t: torch.Tensor, key: str | None) -> torch.Tensor:
+            return t.narrow(dim, 0, real_len) if t.dim() > dim and t.size(dim) == seq_len else t
+
+        return map_tensors(outputs, unpad)
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        if any(words in str(exception) for words in _PEER_FAILURE_WORDS):
+            exception.add_note(
+                "SeqParStrategy: a collective broke on this rank; another rank most likely failed "
+                "or stopped first: its own error, printed with its [rankN]: prefix or in its log, is "
+                "the original one. A hang ends after the strategy's timeout= (a timedelta)."
+            )
+        self._stop_launched_ranks()
+
+    def _stop_launched_ranks(self) -> None:
+        """The process that launched the other ranks (script launcher, rank 0 of each node) ends
+        them before it exits: a rank hung outside a collective would otherwise outlive the job."""
+        if not isinstance(self.launcher, _SubprocessScriptLauncher):
+            return
+        for proc in self.launcher.procs:
+            try:
+                proc.wait(timeout=CHILD_EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def teardown(self) -> None:
         if self._swap is not None:
@@ -344,7 +464,8 @@ class SeqParStrategy(DDPStrategy):
             torch.backends.mha.set_fastpath_enabled(self._fastpath_was)
             self._fastpath_was = None
         ring_contexts.deactivate()
-        self._position_ids = self._sequence_length = None
+        self._position_ids = self._sequence_length = self._unpadded_length = None
+        self._batches_seen = 0
         super().teardown()
 
     @classmethod

@@ -53,6 +53,7 @@ class RingContext:
         bool, True = a real token. `causal` means causal over *global* positions. Returns
         `[B, Hq, L_local, D]`.
         """
+        key_padding_mask = _with_sequence_padding(key_padding_mask, k)
         op = ATTENTION_OPS[self.algorithm]
         return op(
             q, k, v, group=self.group, causal=causal, scale=scale, layout=self.layout,
@@ -61,6 +62,29 @@ class RingContext:
 
 
 _active: RingContext | None = None
+# Set by the strategy when it padded the current batch to the layout's multiple: `[L_local]`
+# bool, True = a real token. Padded keys are masked in every ring attention, whatever mask (or
+# none) the model passes, so padding never changes what a real query sees.
+_padding: torch.Tensor | None = None
+
+
+def set_sequence_padding(real_tokens: torch.Tensor | None) -> None:
+    """Mask the keys where `real_tokens` (`[L_local]` bool, this rank's chunk) is False in every
+    ring attention until it is reset with None."""
+    global _padding
+    _padding = real_tokens
+
+
+def _with_sequence_padding(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+    if _padding is None:
+        return key_padding_mask
+    if _padding.numel() != k.size(2):
+        raise ValueError(
+            f"the batch was padded to {_padding.numel()} local tokens but attention got keys of "
+            f"length {k.size(2)}: with pad_to_multiple, attention must run over the batch's sequences"
+        )
+    real = _padding.to(k.device).expand(k.size(0), -1)
+    return real if key_padding_mask is None else key_padding_mask.bool() & real
 
 
 def active_context() -> RingContext | None:
@@ -84,5 +108,6 @@ def activate(context: RingContext) -> None:
 
 
 def deactivate() -> None:
-    global _active
+    global _active, _padding
     _active = None
+    _padding = None
