@@ -20,6 +20,7 @@ the global batch, which makes the average the single-device token-mean gradient.
 from __future__ import annotations
 
 import functools
+import random
 import subprocess
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
@@ -54,6 +55,9 @@ __all__ = ["SeqParStrategy"]
 # (a failed peer makes their next collective fail at once) before it kills them.
 CHILD_EXIT_GRACE_S = 3.0
 # Words of the errors a rank sees when a collective breaks because another rank failed or hung.
+# Checkpoint key of every rank's random state (torch, numpy, Python; CUDA where present), a list
+# indexed by global rank: dropout and main-process augmentation continue where they were.
+RNG_STATES_KEY = "seqpar_rng_states"
 _PEER_FAILURE_WORDS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Watchdog")
 
 DEFAULT_LAYOUT = "zigzag"
@@ -85,6 +89,33 @@ def _seed_worker(worker_id: int, dp_rank: int, user_init_fn=None) -> None:
     pl_worker_init_function(worker_id, rank=dp_rank)
     if user_init_fn is not None:
         user_init_fn(worker_id)
+
+
+def _rng_states(device: torch.device) -> dict[str, Any]:
+    """This process's random states as tensors and plain values (loadable with weights_only)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": list(random.getstate()),
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 class SeqParStrategy(DDPStrategy):
@@ -376,6 +407,30 @@ class SeqParStrategy(DDPStrategy):
         first = next(p for p in problems if p)
         ranks = [r for r, p in enumerate(problems) if p]
         raise ValueError(f"sequence-parallel batch on rank(s) {ranks}: {first}")
+
+    # ----- checkpoints -----------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        # Called on every rank (Trainer.save_checkpoint); rank 0 writes what all ranks gathered.
+        mine = _rng_states(self.root_device)
+        states: list[Any] = [mine]
+        if self.world_size > 1 and dist.is_initialized():
+            states = [None] * self.world_size
+            dist.all_gather_object(states, mine)
+        checkpoint[RNG_STATES_KEY] = states
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        states = checkpoint.get(RNG_STATES_KEY)
+        if states is not None and len(states) == self.world_size:
+            _set_rng_states(states[self.global_rank], self.root_device)
+        elif states is not None:
+            rank_zero_warn(
+                f"the checkpoint holds the random states of {len(states)} ranks, this run has "
+                f"{self.world_size}: random state is not restored (dropout and augmentation draw anew)"
+            )
+        return checkpoint
 
     # ----- model -----------------------------------------------------------------------------
 
