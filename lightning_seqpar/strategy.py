@@ -54,10 +54,10 @@ __all__ = ["SeqParStrategy"]
 # After an exception, how long the launching process lets the ranks it started end by themselves
 # (a failed peer makes their next collective fail at once) before it kills them.
 CHILD_EXIT_GRACE_S = 3.0
-# Words of the errors a rank sees when a collective breaks because another rank failed or hung.
 # Checkpoint key of every rank's random state (torch, numpy, Python; CUDA where present), a list
 # indexed by global rank: dropout and main-process augmentation continue where they were.
 RNG_STATES_KEY = "seqpar_rng_states"
+# Words of the errors a rank sees when a collective breaks because another rank failed or hung.
 _PEER_FAILURE_WORDS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Watchdog")
 
 DEFAULT_LAYOUT = "zigzag"
@@ -145,7 +145,8 @@ class SeqParStrategy(DDPStrategy):
             cut) and compare the hashes inside every SP group; a mismatch (a hand-made sampler,
             augmentation seeded by global rank) raises on every rank. 0 = off.
         **kwargs: passed to `DDPStrategy` (`timeout`, `process_group_backend`, `start_method`,
-            DDP arguments, ...).
+            DDP arguments, ...). `timeout` (a timedelta) bounds every collective, the ring's
+            included: a rank that waits longer for a failed or hung peer raises.
     """
 
     strategy_name = "seqpar"

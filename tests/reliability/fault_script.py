@@ -25,7 +25,9 @@ from tests.strategy.harness import quiet_trainer, snapshot
 from tests.strategy.models import TinyCausalLM, lm_samples
 
 FAULT_STEP = 4  # the second step of epoch 2: epoch 1's checkpoint exists, epoch 2's doesn't
-COLLECTIVE_TIMEOUT = timedelta(seconds=10)
+# Long enough for the rendezvous (the same timeout bounds init_process_group) on a busy 2-core
+# machine, where the second rank may need 10+ s to import torch and Lightning.
+COLLECTIVE_TIMEOUT = timedelta(seconds=30)
 
 
 class FaultyLM(TinyCausalLM):

@@ -5,7 +5,7 @@ ranks wrote).
 
 - one rank raises in training_step: the job ends, and its output holds the original error;
 - one rank hangs (alive, never reaching the next collective): the other rank's collective
-  times out after the strategy's `timeout=` (10 s here), then the launching rank ends the hung
+  times out after the strategy's `timeout=` (30 s here), then the launching rank ends the hung
   one, and the job ends with the timeout error and the strategy's note on where to look;
 - one rank is SIGKILLed in epoch 2: the job ends; resuming from the epoch-1 checkpoint
   (last.ckpt) gives exactly (torch.equal) the parameters of the uninterrupted 3-epoch run.
@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "reliability" / "fault_script.py"
 JOB_TIMEOUT_S = 150  # the subprocess bound; a job that needs it has hung
-ENDS_WITHIN_S = 100  # start-up (two imports of torch + Lightning on 2 cores) + fault + timeout
+ENDS_WITHIN_S = 120  # start-up (two imports of torch + Lightning on 2 cores) + fault + 30 s timeout
 
 
 def run_job(mode: str, out: Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -73,7 +73,7 @@ def test_hung_rank_ends_at_the_collective_timeout(tmp_path):
     run, elapsed = run_job("hang", tmp_path)
     output = run.stdout + run.stderr
     assert run.returncode != 0
-    assert "Timed out waiting 10000ms" in output, output[-3000:]
+    assert "Timed out waiting 30000ms" in output, output[-3000:]
     assert "another rank most likely failed or stopped first" in output
     assert elapsed < ENDS_WITHIN_S, elapsed
     assert_no_process_left(tmp_path)
