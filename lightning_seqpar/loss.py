@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lightning_seqpar.ops._comm import collective_device
+
 __all__ = ["cross_entropy", "token_mean"]
 
 
@@ -29,11 +31,6 @@ def _world(group) -> int:
         return dist.get_world_size(group)
     return 1
 
-
-def _collective_device(group) -> torch.device:
-    if dist.get_backend(group) == dist.Backend.NCCL:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def token_mean(local_sum: torch.Tensor, local_count: torch.Tensor | int, group=None) -> torch.Tensor:
@@ -53,7 +50,7 @@ def token_mean(local_sum: torch.Tensor, local_count: torch.Tensor | int, group=N
     if world == 1:
         return local_sum / count.clamp(min=1).to(local_sum.dtype)
     totals = torch.stack([local_sum.detach().to(torch.float64), count])
-    device = _collective_device(group)
+    device = collective_device(group)
     totals_comm = totals.to(device)
     dist.all_reduce(totals_comm, group=group)
     global_sum, global_count = totals_comm.to(local_sum.device).unbind()

@@ -46,6 +46,7 @@ from lightning_seqpar.data_utils import (
 from lightning_seqpar.integrations import load_installed as load_installed_integrations
 from lightning_seqpar.layout import LAYOUTS, required_multiple, sequence_positions, shard_sequence
 from lightning_seqpar.ops import ATTENTION_OPS
+from lightning_seqpar.ops._comm import collective_device
 from lightning_seqpar.swap import RingContext, SwapReport, restore_attention, swap_attention
 from lightning_seqpar.swap import context as ring_contexts
 
@@ -76,11 +77,6 @@ def _device_mesh(device_type: str, dp_size: int, sp_size: int):
         mesh = _MESHES[key] = init_device_mesh(device_type, (dp_size, sp_size), mesh_dim_names=("dp", "sp"))
     return mesh
 
-
-def _collective_device(group=None) -> torch.device:
-    if dist.get_backend(group) == dist.Backend.NCCL:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _seed_worker(worker_id: int, dp_rank: int, user_init_fn=None) -> None:
@@ -312,7 +308,7 @@ class SeqParStrategy(DDPStrategy):
         if dataloader.generator is None:
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
             if self.sp_size > 1:
-                seed = seed.to(_collective_device(self.sp_group))
+                seed = seed.to(collective_device(self.sp_group))
                 dist.broadcast(seed, src=dist.get_global_rank(self.sp_group, 0), group=self.sp_group)
             dataloader.generator = torch.Generator().manual_seed(int(seed.item()))
         user_init_fn = dataloader.worker_init_fn
@@ -361,7 +357,7 @@ class SeqParStrategy(DDPStrategy):
         """Compare a hash of the whole batch inside this rank's SP group; a message if they differ."""
         if self.sp_size == 1 or not dist.is_initialized():
             return None
-        device = _collective_device(self.sp_group)
+        device = collective_device(self.sp_group)
         mine = torch.tensor([batch_digest(batch)], dtype=torch.int64, device=device)
         digests = [torch.empty_like(mine) for _ in range(self.sp_size)]
         dist.all_gather(digests, mine, group=self.sp_group)
@@ -399,7 +395,7 @@ class SeqParStrategy(DDPStrategy):
             if problem:
                 raise ValueError(problem)
             return
-        flag = torch.tensor([int(problem is not None)], device=_collective_device())
+        flag = torch.tensor([int(problem is not None)], device=collective_device(None))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if not flag.item():
             return
