@@ -9,8 +9,6 @@ until they reach their owner. No tensor spans L_local x L.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -33,22 +31,6 @@ def merge_block_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, 
     weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
     out.sub_(weight * (out - block_out.to(out.dtype)))
     lse.copy_(torch.maximum(lse, block_lse) - F.logsigmoid((lse - block_lse).abs()))
-
-
-# Opt-in while its correctness on every kernel path is being established (benchmarks/kernel_check.py).
-_FUSED_MERGE = os.environ.get("LIGHTNING_SEQPAR_FUSED_MERGE", "0") == "1"
-_compiled_merge = None
-
-
-def _merge_for(device: torch.device):
-    """On CUDA, optionally one compiled kernel instead of ~8 element-wise launches, which cost
-    more than the block itself at 1-2K tokens per rank."""
-    global _compiled_merge
-    if device.type != "cuda" or not _FUSED_MERGE:
-        return merge_block_
-    if _compiled_merge is None:
-        _compiled_merge = torch.compile(merge_block_, dynamic=True, fullgraph=True)
-    return _compiled_merge
 
 
 def _key_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -84,7 +66,6 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((batch, heads, local_len), EMPTY_LSE, dtype=acc, device=q.device)
     kernel = select_block_kernel(q, masks is not None)
-    merge = _merge_for(q.device)
 
     def visit(owner: int, kv: torch.Tensor) -> None:
         for task in _block_tasks(ring, owner, local_len, layout, causal):
@@ -99,7 +80,7 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
                 empty = _rows_without_keys(key_mask, task.causal)
                 block_lse = block_lse.masked_fill(empty, EMPTY_LSE)
                 block_out = block_out.masked_fill(empty.unsqueeze(-1), 0.0)
-            merge(out[:, :, task.q], lse[:, :, task.q], block_out, block_lse)
+            merge_block_(out[:, :, task.q], lse[:, :, task.q], block_out, block_lse)
 
     ring_visit(ring, torch.stack([k, v]), visit)
     lse.masked_fill_(lse < EMPTY_LSE / 2, float("inf"))
