@@ -15,7 +15,6 @@ Prints a table and writes benchmarks/results/attention_<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import card, time_ms, write_result  # noqa: E402
+from benchmarks.common import attention_parser, card, parse_attention_args, time_ms, write_result  # noqa: E402
 from benchmarks.simulated_ring import check_rank, every_rank_holds_mine, fake_group  # noqa: E402
 from lightning_seqpar.ops import ATTENTION_OPS  # noqa: E402
 from lightning_seqpar.ops._kernels import select_block_kernel  # noqa: E402
@@ -78,17 +77,10 @@ def run_shape(a, dim, causal, tokens):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--world-size", type=int, default=8)
+    parser = attention_parser(__doc__)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--out", type=Path)
-    a = parser.parse_args()
-    a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+    a = parse_attention_args(parser)
     a.rank = 0  # zigzag gives every rank the same work; the balance benchmark checks that
     print(f"# {card(a.device)} | torch {torch.__version__} | {a.dtype} | {a.heads} heads | N = {a.world_size} (one rank simulated)")
     print(f"{'D':>4} {'mask':>7} {'tok/rank':>8} {'kernel':>9} | {'SDPA fwd':>9} {'fwd+bwd':>9} | "

@@ -10,7 +10,6 @@ Prints a table and writes benchmarks/results/balance_<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import card, time_ms, write_result  # noqa: E402
+from benchmarks.common import attention_parser, card, parse_attention_args, time_ms, write_result  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group  # noqa: E402
 from lightning_seqpar.ops import ring_attention  # noqa: E402
 from lightning_seqpar.ops._pieces import causal_step_tasks  # noqa: E402
@@ -35,17 +34,10 @@ def cells(rank, world_size, tokens, layout):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--world-size", type=int, default=8)
+    parser = attention_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--out", type=Path)
-    a = parser.parse_args()
-    a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+    a = parse_attention_args(parser)
     dtype, n = getattr(torch, a.dtype), a.world_size
     print(f"# {card(a.device)} | torch {torch.__version__} | {a.dtype} | {a.heads} x {a.head_dim} | N = {n} | "
           f"{a.tokens} tokens per rank | causal, forward + backward")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -13,6 +14,24 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def attention_parser(doc: str, world_size: int = 8, heads: int = 32) -> argparse.ArgumentParser:
+    """The arguments every simulated-ring attention benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--world-size", type=int, default=world_size)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
+def parse_attention_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    return args
 
 
 def card(device: str) -> str:
