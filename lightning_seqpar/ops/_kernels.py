@@ -149,6 +149,15 @@ class CudaCudnnKernel(_FusedCudaKernel):
         )
 
 
+def _padded_rows(lse: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`lse` with its row dim padded to a multiple of `multiple`, as the memory-efficient kernel
+    lays it out (its backward rejects an lse whose head stride isn't aligned: short blocks)."""
+    rows = lse.size(-1)
+    padded = lse.new_zeros(*lse.shape[:-1], -(-rows // multiple) * multiple)
+    padded[..., :rows] = lse
+    return padded
+
+
 class CudaEfficientKernel(_FusedCudaKernel):
     """`_scaled_dot_product_efficient_attention` (memory-efficient): any float dtype, bias."""
 
@@ -170,7 +179,7 @@ class CudaEfficientKernel(_FusedCudaKernel):
             bias = bias.expand(q.size(0), q.size(1), q.size(2), k.size(2))
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             _like_forward_output(dout.to(q.dtype)), q, k, v, bias, _like_forward_output(out.to(q.dtype)),
-            lse.float().contiguous(), philox_seed=seed, philox_offset=offset, dropout_p=0.0,
+            _padded_rows(lse.float(), 32), philox_seed=seed, philox_offset=offset, dropout_p=0.0,
             grad_input_mask=[True, True, True, False], is_causal=causal, scale=scale,
         )
         return dq, dk, dv
