@@ -158,14 +158,27 @@ def _padded_rows(lse: torch.Tensor, multiple: int) -> torch.Tensor:
     return padded
 
 
+def _aligned_bias(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The `[B, 1, 1, Lk]` key bias as the efficient kernel takes it: `[B, H, Lq, Lk]` (expanded)
+    over storage whose rows are padded to 16 elements, since the kernel rejects bias strides
+    that aren't multiples of 16 bytes (F.scaled_dot_product_attention pads the same way)."""
+    if bias is None:
+        return None
+    keys = bias.size(-1)
+    if keys % 16:
+        padded = bias.new_zeros(*bias.shape[:-1], -(-keys // 16) * 16)
+        padded[..., :keys] = bias
+        bias = padded[..., :keys]
+    return bias.expand(q.size(0), q.size(1), q.size(2), keys)
+
+
 class CudaEfficientKernel(_FusedCudaKernel):
     """`_scaled_dot_product_efficient_attention` (memory-efficient): any float dtype, bias."""
 
     name = "efficient"
 
     def forward(self, q, k, v, *, scale, causal, bias):
-        if bias is not None:
-            bias = bias.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+        bias = _aligned_bias(bias, q, k)
         result = aten._scaled_dot_product_efficient_attention(
             q, k, v, attn_bias=bias, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal, scale=scale
         )
@@ -175,8 +188,7 @@ class CudaEfficientKernel(_FusedCudaKernel):
 
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
         seed, offset = self._philox_state(q.device)
-        if bias is not None:
-            bias = bias.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+        bias = _aligned_bias(bias, q, k)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             _like_forward_output(dout.to(q.dtype)), q, k, v, bias, _like_forward_output(out.to(q.dtype)),
             _padded_rows(lse.float(), 32), philox_seed=seed, philox_offset=offset, dropout_p=0.0,
