@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, time_ms, write_result  # noqa: E402
 from benchmarks.memory import MODELS  # noqa: E402
-from lightning_seqpar.layout import sequence_positions, shard_sequence  # noqa: E402
+from lightning_seqpar.layout import sequence_positions, shard_sequence, unshard_sequence  # noqa: E402
 from lightning_seqpar.models.gpt import GPT  # noqa: E402
 from lightning_seqpar.ops import ATTENTION_OPS, set_input_checks  # noqa: E402
 from lightning_seqpar.swap import RingContext, swap_attention  # noqa: E402
@@ -385,7 +385,7 @@ def context_parallel(run: Run):
         return
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel as torch_context_parallel
-    from torch.distributed.tensor.experimental._attention import context_parallel_unshard, set_rotate_method
+    from torch.distributed.tensor.experimental._attention import _cp_options, context_parallel_unshard, set_rotate_method
 
     a = run.args
     mesh = init_device_mesh("cuda", (run.world,), mesh_dim_names=("cp",))
@@ -402,19 +402,21 @@ def context_parallel(run: Run):
             def error(global_out):
                 return ((global_out.float() - reference.float()).norm() / reference.float().norm()).item()
 
-            local = [shard_sequence(t, 2, run.rank, n, "zigzag").requires_grad_() for t in (q, k, v)]
-            local_dout = shard_sequence(dout, 2, run.rank, n, "zigzag")
+            layout = "zigzag" if causal else "contiguous"  # the same cut as torch's
+            local = [shard_sequence(t, 2, run.rank, n, layout).requires_grad_() for t in (q, k, v)]
+            local_dout = shard_sequence(dout, 2, run.rank, n, layout)
 
             def ours():
-                return ATTENTION_OPS["ring"](*local, causal=causal, layout="zigzag")
+                return ATTENTION_OPS["ring"](*local, causal=causal, layout=layout)
 
             ours_ms = run.max_over(time_ms(lambda: torch.autograd.grad(ours(), local, local_dout), "cuda", a.reps))
             out = ours().detach()
             gathered = [torch.empty_like(out) for _ in range(n)]
             dist.all_gather(gathered, out)
-            from lightning_seqpar.layout import unshard_sequence
             row = dict(causal=causal, tokens_per_gpu=tokens, seq_len=n * tokens, ours_ms=ours_ms,
-                       ours_error=error(unshard_sequence(gathered, 2, "zigzag")))
+                       ours_error=error(unshard_sequence(gathered, 2, layout)))
+            # torch's load balancing (head-tail, i.e. our zigzag) is for causal masks only.
+            _cp_options.enable_load_balance = causal
             for method in ("allgather", "alltoall"):
                 set_rotate_method(method)
                 cq, ck, cv, cd = (t.clone() for t in (q, k, v, dout))
