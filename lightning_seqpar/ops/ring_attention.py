@@ -10,27 +10,16 @@ until they reach their owner. No tensor spans L_local x L.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, no_autocast, prepare, reduce_heads
 from lightning_seqpar.ops._kernels import accumulation_dtype, select_block_kernel
+from lightning_seqpar.ops._merge import merge_block_
 from lightning_seqpar.ops._pieces import causal_step_tasks
 
 # Stand-in for the lse of "no key seen yet". A finite value keeps the merge free of inf - inf;
 # any real lse is larger by ~1e30, so sigmoid weights against it round to exactly 0 or 1.
 EMPTY_LSE = -1.0e30
-
-
-def merge_block_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-    """Fold one block's (out, lse) into the running (out, lse), in place.
-
-    out' = out - sigmoid(lse_b - lse) * (out - out_b)
-    lse' = max(lse, lse_b) - logsigmoid(|lse - lse_b|)       (= log(e^lse + e^lse_b))
-    """
-    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
-    out.sub_(weight * (out - block_out.to(out.dtype)))
-    lse.copy_(torch.maximum(lse, block_lse) - F.logsigmoid((lse - block_lse).abs()))
 
 
 def _key_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
