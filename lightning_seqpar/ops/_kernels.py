@@ -99,8 +99,26 @@ class _FusedCudaKernel:
 
 def _like_forward_output(x: torch.Tensor) -> torch.Tensor:
     """`[B, H, L, D]` values stored as `[B, L, H, D]`, the layout the CUDA SDPA forwards
-    return their output in; their backwards read out and grad_out assuming it."""
+    return their output in; their backwards read out and grad_out assuming it. No copy when
+    `x` is stored so already (the ring converts dout and out once per backward)."""
+    if x.transpose(1, 2).is_contiguous():
+        return x
     return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def forward_output_layout(x: torch.Tensor, kernel) -> torch.Tensor:
+    """`x` stored the way `kernel`'s backward reads out and grad_out: done once per backward
+    instead of once per block."""
+    return _like_forward_output(x) if isinstance(kernel, _FusedCudaKernel) else x
+
+
+def accumulator_like(x: torch.Tensor, dtype: torch.dtype, kernel) -> torch.Tensor:
+    """Zeros for summing `kernel`'s gradients of `x`: in the kernel's output layout, so each
+    `+=` is a plain streaming add instead of a transposing one."""
+    if isinstance(kernel, _FusedCudaKernel):
+        b, h, length, d = x.shape
+        return torch.zeros((b, length, h, d), dtype=dtype, device=x.device).transpose(1, 2)
+    return torch.zeros(x.shape, dtype=dtype, device=x.device)
 
 
 class CudaFlashKernel(_FusedCudaKernel):

@@ -13,7 +13,7 @@ import torch
 
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, no_autocast, prepare, reduce_heads
-from lightning_seqpar.ops._kernels import accumulation_dtype, select_block_kernel
+from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, forward_output_layout, select_block_kernel
 from lightning_seqpar.ops._merge import merge_block_
 from lightning_seqpar.ops._pieces import causal_step_tasks
 
@@ -80,8 +80,9 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scal
     local_len = q.size(2)
     groups = q.size(1) // k.size(1)
     acc = accumulation_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kernel = select_block_kernel(q, masks is not None)
+    dq = accumulator_like(q, acc, kernel)
+    dout, out = (forward_output_layout(t.to(q.dtype), kernel) for t in (dout, out))
 
     def zeros() -> torch.Tensor:
         return torch.zeros((2, *k.shape), dtype=acc, device=k.device)
@@ -94,10 +95,10 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scal
         for task in tasks:
             key_mask = None if masks is None else masks[owner][:, task.k]
             dq_b, dk_b, dv_b = kernel.backward(
-                _rows(dout, task.q), _rows(q, task.q),
+                dout[:, :, task.q], _rows(q, task.q),
                 expand_heads(_rows(kv[0], task.k), groups),
                 expand_heads(_rows(kv[1], task.k), groups),
-                _rows(out, task.q), _rows(lse, task.q),
+                out[:, :, task.q], _rows(lse, task.q),
                 scale=scale, causal=task.causal, bias=_key_bias(key_mask, q.dtype),
             )
             dq[:, :, task.q] += dq_b
