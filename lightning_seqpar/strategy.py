@@ -7,6 +7,9 @@ The hooks, in the order Lightning calls them, are the shape of this class:
 - `setup_environment`: the world process group (DDP's), then the cached 2-D ("dp", "sp") mesh;
 - `distributed_sampler_kwargs` / `process_dataloader`: samples split over dp only, dataloader
   workers seeded by dp rank, so every rank of one SP group reads and augments the same samples;
+  the training loader made resumable in the middle of an epoch (`lightning_seqpar.sampler`);
+- `save_checkpoint` / `load_checkpoint` / `on_train_start`: every rank's random state and the
+  training data's position travel with checkpoints;
 - `setup`: swap the attention *before* DDP wrapping, precision and optimizers see the model;
 - `batch_to_device`: cut each sequence for this SP rank, record its global positions, move;
 - `predict_step`: gather the local outputs back into whole sequences;
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -47,6 +51,7 @@ from lightning_seqpar.integrations import load_installed as load_installed_integ
 from lightning_seqpar.layout import LAYOUTS, required_multiple, sequence_positions, shard_sequence
 from lightning_seqpar.ops import ATTENTION_OPS
 from lightning_seqpar.ops._comm import collective_device
+from lightning_seqpar.sampler import LOADER_STATE_MARK, make_resumable
 from lightning_seqpar.swap import RingContext, SwapReport, restore_attention, swap_attention
 from lightning_seqpar.swap import context as ring_contexts
 
@@ -58,6 +63,12 @@ CHILD_EXIT_GRACE_S = 3.0
 # Checkpoint key of every rank's random state (torch, numpy, Python; CUDA where present), a list
 # indexed by global rank: dropout and main-process augmentation continue where they were.
 RNG_STATES_KEY = "seqpar_rng_states"
+# Checkpoint key of the training loader's position (`lightning_seqpar.sampler`). Lightning keeps
+# loader states with the fit loop's state and, on a mid-epoch restart, refuses a checkpoint whose
+# loader states have no stateful loader to go to: a run without this strategy (plain DataLoader)
+# could not resume it. So the strategy keeps them under its own key and hands them back to
+# Lightning on load.
+LOADER_STATES_KEY = "seqpar_loader_states"
 # Words of the errors a rank sees when a collective breaks because another rank failed or hung.
 _PEER_FAILURE_WORDS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Watchdog")
 
@@ -197,6 +208,9 @@ class SeqParStrategy(DDPStrategy):
         self._fastpath_was: bool | None = None
         self._position_ids: torch.Tensor | None = None
         self._sequence_length: int | None = None
+        self._loaded_rng_state: dict[str, Any] | None = None  # this rank's, from the checkpoint
+        self._rng_again_at_train_start = False
+        self._worker_seeds_drawn = 0
         self.summary: str | None = None
 
     # ----- configuration -------------------------------------------------------------------
@@ -297,16 +311,62 @@ class SeqParStrategy(DDPStrategy):
 
     def process_dataloader(self, dataloader: object) -> object:
         dataloader = super().process_dataloader(dataloader)
-        if isinstance(dataloader, DataLoader) and dataloader.num_workers > 0:
+        if not isinstance(dataloader, DataLoader):
+            return dataloader
+        if dataloader.num_workers > 0:
             self._seed_workers_by_dp_rank(dataloader)
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None and trainer.training:  # fit's training loader
+            self._prepare_training_loader(dataloader, trainer)
         return dataloader
+
+    def _prepare_training_loader(self, dataloader: DataLoader, trainer) -> None:
+        # Lightning creates the resumed epoch's iterator before it sets the sampler's epoch, and
+        # dataloader workers start reading at once: with num_workers > 0 a resumed run would read
+        # its first epoch in epoch 0's order. The epoch Lightning is about to run, set now:
+        _set_sampler_epoch(dataloader, trainer.fit_loop.epoch_progress.current.processed)
+        resumable = make_resumable(dataloader, self._training_progress, self._training_loader_loaded)
+        if resumable and dataloader.num_workers > 0 and self._loaded_rng_state is not None:
+            rank_zero_warn(
+                "resuming with dataloader workers (num_workers > 0): the data order and position and "
+                "the main process's random state are restored, but random draws inside the workers "
+                "(random augmentation in the dataset) start anew and differ from the uninterrupted run"
+            )
+
+    def _training_progress(self) -> tuple[int, bool]:
+        """(batches of the current epoch handed to training_step, whether the epoch is done): the
+        count Lightning itself restarts from, so the data resumes where the loop does."""
+        trainer = self.lightning_module.trainer
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        ready = progress.current.ready
+        return ready, bool(progress.is_last_batch) or ready >= trainer.num_training_batches
+
+    def _training_loader_loaded(self, resumed: bool, problem: str | None) -> None:
+        if problem:
+            rank_zero_warn(f"mid-epoch checkpoint: {problem}; this epoch's data restarts from its beginning")
+        # The uninterrupted run had created this epoch's iterator before the checkpoint; creating
+        # it again here, after `load_checkpoint` restored the random state, draws the DataLoader's
+        # base seed from the global torch generator: `on_train_start` restores the state again.
+        self._rng_again_at_train_start = resumed
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._rng_again_at_train_start and self._loaded_rng_state is not None:
+            _set_rng_states(self._loaded_rng_state, self.root_device)
+        self._rng_again_at_train_start = False
+        self._loaded_rng_state = None
 
     def _seed_workers_by_dp_rank(self, dataloader: DataLoader) -> None:
         # Workers draw their base seed from the loader's generator: one seed agreed inside the SP
         # group makes its ranks' workers draw the same random augmentations; the dp rank, mixed
         # in per worker, keeps different groups apart.
         if dataloader.generator is None:
-            seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+            # Drawn without advancing the global generator (a resumed run, whose random state was
+            # just restored, would otherwise continue from another state than the uninterrupted
+            # one); the n-th loader of the process takes the n-th draw, so loaders differ.
+            self._worker_seeds_drawn += 1
+            with torch.random.fork_rng(devices=[]):
+                seed = torch.randint(0, 2**62, (self._worker_seeds_drawn,), dtype=torch.int64)[-1]
             if self.sp_size > 1:
                 seed = seed.to(collective_device(self.sp_group))
                 dist.broadcast(seed, src=dist.get_global_rank(self.sp_group, 0), group=self.sp_group)
@@ -415,13 +475,34 @@ class SeqParStrategy(DDPStrategy):
             states = [None] * self.world_size
             dist.all_gather_object(states, mine)
         checkpoint[RNG_STATES_KEY] = states
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        loader_states = fit_state.get("combined_loader")
+        if loader_states and all(isinstance(s, dict) and LOADER_STATE_MARK in s for s in loader_states):
+            checkpoint[LOADER_STATES_KEY] = fit_state.pop("combined_loader")
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        loader_states = checkpoint.pop(LOADER_STATES_KEY, None)
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        fit_state = fit_loop.get("state_dict")
+        if loader_states is not None and fit_state is not None:
+            fit_state["combined_loader"] = loader_states
+        progress = fit_loop.get("epoch_loop.batch_progress")
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if (
+            progress and progress["current"]["ready"] > 0 and not progress["is_last_batch"]
+            and not (fit_state or {}).get("combined_loader") and trainer is not None and trainer.state.fn == "fit"
+        ):
+            # Lightning warns about this only for loaders without state_dict; ours has one.
+            rank_zero_warn(
+                "the checkpoint was saved inside an epoch but holds no position of the training data "
+                "(saved without SeqParStrategy, or by an older version): the epoch's data restarts from its beginning"
+            )
         states = checkpoint.get(RNG_STATES_KEY)
         if states is not None and len(states) == self.world_size:
-            _set_rng_states(states[self.global_rank], self.root_device)
+            self._loaded_rng_state = states[self.global_rank]
+            _set_rng_states(self._loaded_rng_state, self.root_device)
         elif states is not None:
             rank_zero_warn(
                 f"the checkpoint holds the random states of {len(states)} ranks, this run has "
@@ -518,6 +599,8 @@ class SeqParStrategy(DDPStrategy):
         ring_contexts.deactivate()
         self._position_ids = self._sequence_length = self._unpadded_length = None
         self._batches_seen = 0
+        self._loaded_rng_state = None
+        self._rng_again_at_train_start = False
         super().teardown()
 
     @classmethod

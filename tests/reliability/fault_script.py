@@ -1,15 +1,20 @@
 """Trains the tiny causal LM on 2 CPU processes under the script launcher (strategy "seqpar"
 semantics: this script is re-run for rank 1) and misbehaves on purpose:
 
-    python fault_script.py MODE OUT_DIR
+    python fault_script.py MODE OUT_DIR [CHECKPOINT]
 
-MODE: "train" (3 epochs, no fault), "raise" (rank 1 raises in training_step at step 4),
-"hang" (rank 1 sleeps in training_step at step 4, alive but never reaching the collective),
-"kill" (rank 1 SIGKILLs itself at step 4, in epoch 2), "resume" (3 epochs from OUT_DIR/last.ckpt).
-Every rank writes its pid to OUT_DIR/pid.RANK at the start of training, so the test can check
-that none is left; rank 0 saves the final parameters to OUT_DIR/params.pt. Checkpoints are
-written at the end of each epoch (3 optimizer steps per epoch) to OUT_DIR/last.ckpt."""
+MODE: "train" (3 epochs, no fault), "raise" (rank 1 raises in training_step at step 7),
+"hang" (rank 1 sleeps in training_step at step 7, alive but never reaching the collective),
+"kill" (rank 1 SIGKILLs itself at step 7, in epoch 2), "resume" (3 epochs from CHECKPOINT).
 
+4 optimizer steps per epoch (dp 1 × sp 2, 8 samples, batch 2), dropout on the logits, one
+dataloader worker per rank. Checkpoints: OUT_DIR/epochs/last.ckpt at the end of each epoch,
+OUT_DIR/steps/last.ckpt every 5 steps (step 5 is the first batch of epoch 2, two steps before
+the fault). Every rank writes its pid to OUT_DIR/pid.RANK at the start of training and every
+dataloader worker to OUT_DIR/worker.PID, so the test can check that none is left; rank 0 saves
+the final parameters to OUT_DIR/params.pt."""
+
+import functools
 import os
 import signal
 import sys
@@ -19,15 +24,21 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from lightning_seqpar import SeqParStrategy
 from tests.strategy.harness import quiet_trainer, snapshot
 from tests.strategy.models import TinyCausalLM, lm_samples
 
-FAULT_STEP = 4  # the second step of epoch 2: epoch 1's checkpoint exists, epoch 2's doesn't
+FAULT_STEP = 7  # the third step of epoch 2: the epoch-1 and step-5 checkpoints exist
+STEP_CHECKPOINT_EVERY = 5
 # Long enough for the rendezvous (the same timeout bounds init_process_group) on a busy 2-core
 # machine, where the second rank may need 10+ s to import torch and Lightning.
 COLLECTIVE_TIMEOUT = timedelta(seconds=30)
+
+
+def record_worker(out: Path, worker_id: int) -> None:
+    (out / f"worker.{os.getpid()}").write_text(str(os.getpid()))
 
 
 class FaultyLM(TinyCausalLM):
@@ -37,6 +48,12 @@ class FaultyLM(TinyCausalLM):
 
     def on_train_start(self):
         (self.out / f"pid.{self.global_rank}").write_text(str(os.getpid()))
+
+    def train_dataloader(self):
+        return DataLoader(
+            self.train_data, batch_size=self.batch_size, num_workers=1,
+            worker_init_fn=functools.partial(record_worker, self.out),
+        )
 
     def training_step(self, batch, batch_idx):
         if self.global_rank == 1 and self.global_step == FAULT_STEP:
@@ -54,19 +71,22 @@ class FaultyLM(TinyCausalLM):
         return torch.nn.functional.dropout(logits, p=0.2, training=self.training), labels
 
 
-def main(mode: str, out: str) -> None:
+def main(mode: str, out: str, checkpoint: str | None = None) -> None:
     out_dir = Path(out)
     torch.manual_seed(0)
-    model = FaultyLM(mode, out_dir, reference=False, batch_size=2, train=lm_samples(6, 0), val=lm_samples(2, 1))
-    checkpoints = ModelCheckpoint(dirpath=out_dir, save_last=True, every_n_epochs=1)
+    model = FaultyLM(mode, out_dir, reference=False, batch_size=2, train=lm_samples(8, 0), val=lm_samples(2, 1))
+    callbacks = [
+        ModelCheckpoint(dirpath=out_dir / "epochs", save_last=True, every_n_epochs=1),
+        ModelCheckpoint(dirpath=out_dir / "steps", save_last=True, every_n_train_steps=STEP_CHECKPOINT_EVERY),
+    ]
     trainer = quiet_trainer(
         devices=2, strategy=SeqParStrategy(sp_size=2, timeout=COLLECTIVE_TIMEOUT), max_epochs=3,
-        limit_val_batches=0, callbacks=[checkpoints], enable_checkpointing=True, deterministic=True,
+        limit_val_batches=0, callbacks=callbacks, enable_checkpointing=True, deterministic=True,
     )
-    trainer.fit(model, ckpt_path=str(out_dir / "last.ckpt") if mode == "resume" else None)
+    trainer.fit(model, ckpt_path=checkpoint if mode == "resume" else None)
     if trainer.global_rank == 0:
         torch.save(snapshot(model), out_dir / "params.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
