@@ -87,7 +87,8 @@ class Run:
     def write(self, part: str, config: dict, rows: list, **extra):
         if self.rank == 0:
             out = Path(self.args.out_dir) / f"multi_gpu_{part}.json"
-            write_result(f"multi_gpu_{part}", self.device.type, config, rows, out, gpus=self.world, **extra)
+            launcher = f"torchrun --nproc-per-node={self.world}"
+            write_result(f"multi_gpu_{part}", self.device.type, config, rows, out, gpus=self.world, launcher=launcher, **extra)
 
     def max_over(self, value: float, group=None) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)

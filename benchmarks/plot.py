@@ -57,7 +57,41 @@ def memory_plot():
     fig.savefig(RESULTS / "attention_memory.png", dpi=110)
 
 
+def multi_gpu_plot():
+    scaling = json.loads((RESULTS / "multi_gpu_scaling.json").read_text())
+    capacity = json.loads((RESULTS / "multi_gpu_capacity.json").read_text())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for n in sorted({r["world_size"] for r in scaling["rows"]} - {1}):
+        model = [r for r in scaling["rows"] if r["kind"] == "model" and r["world_size"] == n]
+        left.plot([r["tokens_per_gpu"] for r in model], [r["efficiency"] for r in model], marker="s", label=f"1B model step, N={n}")
+        for causal in (True, False):
+            rows = [r for r in scaling["rows"] if r["kind"] == "attention" and r["world_size"] == n and r["causal"] == causal]
+            left.plot([r["tokens_per_gpu"] for r in rows], [r["efficiency"] for r in rows], marker="o",
+                      label=f"attention, N={n}, {'causal zigzag' if causal else 'non-causal'}")
+    left.axhline(0.90, color="grey", lw=0.8, ls=":")
+    left.axhline(0.85, color="grey", lw=0.8, ls="--")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("tokens per GPU")
+    left.set_ylabel("per-GPU throughput at N / at N = 1")
+    left.set_title("weak scaling over NCCL", fontsize=9)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    longest = [r for r in capacity["rows"] if r["kind"] == "longest"]
+    versus = next(r for r in capacity["rows"] if r["kind"] == "sp_vs_tp")
+    labels = [f"N={r['world_size']}" + (" (no SP)" if r["world_size"] == 1 else " SP") for r in longest] + [f"N={versus['world_size']} TP"]
+    values = [r["seq_len"] / 1024 for r in longest] + [versus["tp_longest"] / 1024]
+    right.bar(labels, values, color=["tab:grey"] + ["tab:blue"] * (len(longest) - 1) + ["tab:orange"])
+    for x, value in enumerate(values):
+        right.text(x, value, f"{value:.0f}K", ha="center", va="bottom", fontsize=8)
+    right.set_ylabel("longest sequence that trains (K tokens)")
+    right.set_title("~1B Llama-style model, AdamW, bf16 autocast, batch 1", fontsize=9)
+    fig.suptitle(f"{scaling['gpus']} x {scaling['card']}, {scaling['date']}")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "multi_gpu.png", dpi=110)
+
+
 if __name__ == "__main__":
     efficiency_plot()
     memory_plot()
-    print(f"wrote {RESULTS / 'attention_efficiency.png'} and {RESULTS / 'attention_memory.png'}")
+    multi_gpu_plot()
+    print(f"wrote the plots to {RESULTS}")
