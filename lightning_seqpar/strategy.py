@@ -22,9 +22,14 @@ the global batch, which makes the average the single-device token-mean gradient.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 import random
+import signal
 import subprocess
+import sys
+import warnings
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -69,6 +74,11 @@ RNG_STATES_KEY = "seqpar_rng_states"
 # could not resume it. So the strategy keeps them under its own key and hands them back to
 # Lightning on load.
 LOADER_STATES_KEY = "seqpar_loader_states"
+# The script launcher (rank 0 of a node) passes its pid, in this variable, to the ranks it starts,
+# and only to them: read once and removed at import, so processes those ranks start don't see it.
+LAUNCHER_PID_ENV = "LIGHTNING_SEQPAR_LAUNCHER_PID"
+_LAUNCHER_PID = os.environ.pop(LAUNCHER_PID_ENV, None)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Words of the errors a rank sees when a collective breaks because another rank failed or hung.
 _PEER_FAILURE_WORDS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Watchdog")
 
@@ -96,6 +106,48 @@ def _seed_worker(worker_id: int, dp_rank: int, user_init_fn=None) -> None:
     pl_worker_init_function(worker_id, rank=dp_rank)
     if user_init_fn is not None:
         user_init_fn(worker_id)
+
+
+class _ScriptLauncher(_SubprocessScriptLauncher):
+    """Lightning's script launcher, telling the ranks it starts its own pid (`LAUNCHER_PID_ENV`)."""
+
+    def _call_children_scripts(self) -> None:
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+        try:
+            super()._call_children_scripts()
+        finally:
+            os.environ.pop(LAUNCHER_PID_ENV, None)
+
+
+def _die_with_launcher(armed: bool) -> None:
+    """In a rank started by the script launcher (Linux): while `armed`, the kernel SIGKILLs this
+    process the moment its launcher (rank 0) dies, SIGKILL included.
+
+    Why this and not the collective timeout: a dead rank 0 breaks the other ranks' collectives
+    (at once, "Connection reset by peer"; or after `timeout=`), but only of ranks that reach one.
+    A rank busy elsewhere (a long step, a stalled dataloader, a hang in user code) has no
+    collective to fail and would outlive the job as an orphan, holding its device; no Python-level
+    watchdog can run in a process hung in C code either. PR_SET_PDEATHSIG is the kernel's own
+    parent-death notice: nothing in the rank needs to run.
+
+    Armed from `setup_environment` to `teardown` only: outside a Trainer run a rank may outlive
+    rank 0 on purpose (work after `fit`). The signal follows the *thread* that started the rank
+    (the one that called `fit` in the launcher), which is the main thread in a script."""
+    if _LAUNCHER_PID is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL) if armed else 0, 0, 0, 0) != 0:
+        warnings.warn(f"prctl(PR_SET_PDEATHSIG) failed ({os.strerror(ctypes.get_errno())}): this rank "
+                      f"won't end by itself if its launcher (rank 0) is killed while it is outside a collective")
+        return
+    launcher = int(_LAUNCHER_PID)
+    if armed and os.getppid() != launcher:
+        libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0)
+        try:
+            os.kill(launcher, 0)
+        except ProcessLookupError:  # re-parented: it died before the notice was set
+            raise RuntimeError(f"the process that launched this rank (rank 0, pid {launcher}) has exited") from None
+        # else not a rank it started (the variable leaked into a process that a rank started)
 
 
 def _rng_states(device: torch.device) -> dict[str, Any]:
@@ -293,7 +345,13 @@ class SeqParStrategy(DDPStrategy):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return {"num_replicas": self.dp_size, "rank": self.dp_rank}
 
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if type(self._launcher) is _SubprocessScriptLauncher:
+            self._launcher = _ScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
     def setup_environment(self) -> None:
+        _die_with_launcher(True)
         super().setup_environment()
         self._mesh = _device_mesh(self.root_device.type, self.dp_size, self.sp_size)
         self._apply_timeout_to_mesh_groups()
@@ -602,6 +660,7 @@ class SeqParStrategy(DDPStrategy):
         self._loaded_rng_state = None
         self._rng_again_at_train_start = False
         super().teardown()
+        _die_with_launcher(False)
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:

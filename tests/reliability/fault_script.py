@@ -5,7 +5,9 @@ semantics: this script is re-run for rank 1) and misbehaves on purpose:
 
 MODE: "train" (3 epochs, no fault), "raise" (rank 1 raises in training_step at step 7),
 "hang" (rank 1 sleeps in training_step at step 7, alive but never reaching the collective),
-"kill" (rank 1 SIGKILLs itself at step 7, in epoch 2), "resume" (3 epochs from CHECKPOINT).
+"kill" (rank 1 SIGKILLs itself at step 7, in epoch 2), "kill_launcher" (rank 0, which launched
+rank 1, SIGKILLs itself at step 7), "kill_launcher_busy" (the same while rank 1 sleeps, far from
+any collective), "resume" (3 epochs from CHECKPOINT).
 
 4 optimizer steps per epoch (dp 1 × sp 2, 8 samples, batch 2), dropout on the logits, one
 dataloader worker per rank. Checkpoints: OUT_DIR/epochs/last.ckpt at the end of each epoch,
@@ -59,10 +61,14 @@ class FaultyLM(TinyCausalLM):
         if self.global_rank == 1 and self.global_step == FAULT_STEP:
             if self.mode == "raise":
                 raise RuntimeError(f"original error: rank 1 failed at step {FAULT_STEP}")
-            if self.mode == "hang":
+            if self.mode in ("hang", "kill_launcher_busy"):
                 time.sleep(600)
             if self.mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+        if self.global_rank == 0 and self.global_step == FAULT_STEP and self.mode.startswith("kill_launcher"):
+            if self.mode == "kill_launcher_busy":
+                time.sleep(1)  # rank 1 is asleep by now, far from any collective
+            os.kill(os.getpid(), signal.SIGKILL)
         return super().training_step(batch, batch_idx)
 
     def logits_and_labels(self, batch):

@@ -10,7 +10,9 @@ through /proc by the pids they wrote).
 - rank 1 is SIGKILLed in epoch 2: the job ends; resuming from the epoch-1 checkpoint, and
   from the step-5 checkpoint in the middle of epoch 2 (two steps before the kill), gives exactly
   (torch.equal) the parameters of the uninterrupted 3-epoch run: data order and position, every
-  rank's random state (dropout), with a dataloader worker per rank.
+  rank's random state (dropout), with a dataloader worker per rank;
+- rank 0, the launching process, is SIGKILLed: rank 1 ends at once, also when it is busy far
+  from any collective (where no collective timeout could reach it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "reliability" / "fault_script.py"
 JOB_TIMEOUT_S = 150  # the subprocess bound; a job that needs it has hung
 ENDS_WITHIN_S = 120  # start-up (two imports of torch + Lightning on 2 cores) + fault + 30 s timeout
+# A killed launcher takes rank 1 with it at once: start-up and 7 steps, well under the 30 s timeout.
+LAUNCHER_KILL_ENDS_WITHIN_S = 60
 
 
 def run_job(mode: str, out: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -126,3 +130,12 @@ def test_resume_after_a_killed_rank_reproduces_the_uninterrupted_run(tmp_path, u
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "dataloader is not resumable" not in resumed.stderr
     assert_same_parameters(tmp_path / "params.pt", uninterrupted / "params.pt")
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("mode", ["kill_launcher", "kill_launcher_busy"], ids=["in-step", "rank1-busy"])
+def test_killed_launcher_ends_the_job_at_once(tmp_path, mode):
+    run, elapsed = run_job(mode, tmp_path)
+    assert run.returncode == -9
+    assert elapsed < LAUNCHER_KILL_ENDS_WITHIN_S, elapsed
+    assert_no_process_left(tmp_path)
