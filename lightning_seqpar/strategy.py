@@ -570,6 +570,13 @@ class SeqParStrategy(DDPStrategy):
 
     # ----- model -----------------------------------------------------------------------------
 
+    def configure_ddp(self) -> None:
+        # One process: DDP would copy every gradient into its buckets and all-reduce it with
+        # itself each step; the unwrapped module trains identically (as SingleDeviceStrategy's).
+        if self.world_size == 1:
+            return
+        super().configure_ddp()
+
     def setup(self, trainer) -> None:
         model = self.lightning_module
         if is_param_in_hook_signature(model.training_step, "dataloader_iter", explicit=True):
