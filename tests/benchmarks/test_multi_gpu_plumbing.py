@@ -1,0 +1,34 @@
+"""`benchmarks/multi_gpu.py` is run on lent GPU machines, rarely; this keeps its plumbing honest
+between runs: on 2 CPU processes (gloo, `--smoke`: tiny model and shapes), its correctness part
+must pass every case, and the capacity part (longest sequence with SP and with tensor
+parallelism, under a fixed token budget on CPU) must find sequence parallelism's longest
+sequence N times the single process's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_multi_gpu_benchmark_runs_on_cpu(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(REPO / "benchmarks" / "multi_gpu.py"), "--device", "cpu", "--smoke", "--timeout", "60",
+         "--parts", "correctness", "capacity", "--out-dir", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    correctness = json.loads((tmp_path / "multi_gpu_correctness.json").read_text())
+    assert correctness["failures"] == 0 and len(correctness["rows"]) == 32
+    assert correctness["launcher"] == "torchrun --nproc-per-node=2"
+    capacity = json.loads((tmp_path / "multi_gpu_capacity.json").read_text())
+    longest = {r["world_size"]: r["seq_len"] for r in capacity["rows"] if r["kind"] == "longest"}
+    assert longest[2] == 2 * longest[1] > 0
+    versus = next(r for r in capacity["rows"] if r["kind"] == "sp_vs_tp")
+    assert versus["tp_longest"] > 0 and versus["sp_max_batch"] >= 1 and versus["tp_max_batch"] >= 1
