@@ -167,26 +167,24 @@ class CudaCudnnKernel(_FusedCudaKernel):
         )
 
 
-def _padded_rows(lse: torch.Tensor, multiple: int) -> torch.Tensor:
-    """`lse` with its row dim padded to a multiple of `multiple`, as the memory-efficient kernel
-    lays it out (its backward rejects an lse whose head stride isn't aligned: short blocks)."""
-    rows = lse.size(-1)
-    padded = lse.new_zeros(*lse.shape[:-1], -(-rows // multiple) * multiple)
-    padded[..., :rows] = lse
+def _padded_last_dim(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """A copy of `x` whose last dim is zero-padded to a multiple of `multiple`: the aligned
+    storage the memory-efficient kernel demands (the public SDPA pads the same way)."""
+    size = x.size(-1)
+    padded = x.new_zeros(*x.shape[:-1], -(-size // multiple) * multiple)
+    padded[..., :size] = x
     return padded
 
 
 def _aligned_bias(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """The `[B, 1, 1, Lk]` key bias as the efficient kernel takes it: `[B, H, Lq, Lk]` (expanded)
     over storage whose rows are padded to 16 elements, since the kernel rejects bias strides
-    that aren't multiples of 16 bytes (F.scaled_dot_product_attention pads the same way)."""
+    that aren't multiples of 16 bytes."""
     if bias is None:
         return None
     keys = bias.size(-1)
     if keys % 16:
-        padded = bias.new_zeros(*bias.shape[:-1], -(-keys // 16) * 16)
-        padded[..., :keys] = bias
-        bias = padded[..., :keys]
+        bias = _padded_last_dim(bias, 16)[..., :keys]
     return bias.expand(q.size(0), q.size(1), q.size(2), keys)
 
 
@@ -207,9 +205,10 @@ class CudaEfficientKernel(_FusedCudaKernel):
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, bias):
         seed, offset = self._philox_state(q.device)
         bias = _aligned_bias(bias, q, k)
+        # Its lse rows, too, must be padded as its forward lays them out (32): short blocks aren't.
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             _like_forward_output(dout.to(q.dtype)), q, k, v, bias, _like_forward_output(out.to(q.dtype)),
-            _padded_rows(lse.float(), 32), philox_seed=seed, philox_offset=offset, dropout_p=0.0,
+            _padded_last_dim(lse.float(), 32), philox_seed=seed, philox_offset=offset, dropout_p=0.0,
             grad_input_mask=[True, True, True, False], is_causal=causal, scale=scale,
         )
         return dq, dk, dv
