@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, time_ms, write_result  # noqa: E402
 from benchmarks.memory import MODELS  # noqa: E402
+from benchmarks.simulated_ring import dense_attention_mask, relative_error  # noqa: E402
 from lightning_seqpar.layout import sequence_positions, shard_sequence, unshard_sequence  # noqa: E402
 from lightning_seqpar.models.gpt import GPT  # noqa: E402
 from lightning_seqpar.ops import ATTENTION_OPS, set_input_checks  # noqa: E402
@@ -125,14 +126,7 @@ def _attention_case(n, hkv, masked, device, *, batch=2, hq=8, dim=64, local_len=
 def _sdpa(q, k, v, dout, mask, causal):
     """Whole-sequence SDPA: output and gradients (fully masked rows give zeros, like the ops)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    length = q.size(2)
-    attn_mask = None
-    if mask is not None or causal:
-        attn_mask = torch.ones(q.size(0), 1, length, length, dtype=torch.bool, device=q.device)
-        if mask is not None:
-            attn_mask = attn_mask & mask[:, None, None, :]
-        if causal:
-            attn_mask = attn_mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    attn_mask = dense_attention_mask(mask, q.size(2), causal, q.device) if mask is not None or causal else None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
     out.backward(dout.to(out.dtype))
     return [torch.nan_to_num(t.detach()) for t in (out, q.grad, k.grad, v.grad)]
@@ -158,7 +152,7 @@ def correctness(run: Run):
                 q, k, v, dout, mask = _attention_case(n, hkv, masked, run.device, local_len=local_len)
                 reference = _sdpa(q, k, v, dout, mask, causal)
                 single = _sdpa(*(t.to(dtype) for t in (q, k, v, dout)), mask, causal)
-                single_err = [((s.double() - r).norm() / r.norm()).item() for s, r in zip(single, reference)]
+                single_err = [relative_error(s, r) for s, r in zip(single, reference)]
                 rank = run.rank
 
                 def mine(x, dim=2):
@@ -224,7 +218,7 @@ def strategy(run: Run):
     the SP run's distance from the fp32 single-GPU parameters <= 2 x the single-GPU bf16 run's
     distance from them + 1e-3, i.e. sharding the sequence costs no more than bf16 itself."""
     from lightning_seqpar import SeqParStrategy
-    from tests.strategy.harness import relative_error
+    from tests.strategy.harness import relative_error as parameter_error  # guards all-zero tensors
 
     rows, failures = [], 0
     precisions = ["32-true", "bf16-mixed"] if run.cuda else ["32-true"]
@@ -247,7 +241,7 @@ def strategy(run: Run):
                 same, fp32 = baselines[precision]["state"], baselines["32-true"]["state"]
 
                 def worst(state, ref):
-                    return max(relative_error(state[k], ref[k]) for k in ref if ref[k].is_floating_point())
+                    return max(parameter_error(state[k], ref[k]) for k in ref if ref[k].is_floating_point())
 
                 vs_same, vs_fp32 = worst(result["state"], same), worst(result["state"], fp32)
                 bf16_itself = worst(same, fp32) if precision != "32-true" else 0.0
@@ -401,7 +395,7 @@ def context_parallel(run: Run):
             reference = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
             def error(global_out):
-                return ((global_out.float() - reference.float()).norm() / reference.float().norm()).item()
+                return relative_error(global_out, reference)
 
             layout = "zigzag" if causal else "contiguous"  # the same cut as torch's
             local = [shard_sequence(t, 2, run.rank, n, layout).requires_grad_() for t in (q, k, v)]

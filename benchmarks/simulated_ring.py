@@ -86,6 +86,18 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def dense_attention_mask(key_mask: torch.Tensor | None, seq_len: int, causal: bool, device) -> torch.Tensor:
+    """`[B or 1, 1, L, L]` bool mask for SDPA on the whole sequence: real keys (`key_mask`
+    `[B, L]`, True = real) and, if `causal`, the lower triangle."""
+    batch = 1 if key_mask is None else key_mask.size(0)
+    attn_mask = torch.ones(batch, 1, seq_len, seq_len, dtype=torch.bool, device=device)
+    if key_mask is not None:
+        attn_mask &= key_mask[:, None, None, :]
+    if causal:
+        attn_mask &= torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    return attn_mask
+
+
 def check_rank(algo, rank, world_size, *, batch, hq, hkv, local_len, dim, causal, layout, dtype, device, masked=False, seed=0,
                reference_dtype=torch.float64):
     """Relative errors (out, dq, dk, dv) of one simulated rank against SDPA on the global
@@ -115,13 +127,7 @@ def check_rank(algo, rank, world_size, *, batch, hq, hkv, local_len, dim, causal
     ref_inputs = [globalize(q.to(rd), 2, fill=0), globalize(k.to(rd), 2), globalize(v.to(rd), 2)]
     ref_inputs = [t.requires_grad_() for t in ref_inputs]
     seq_len = local_len * world_size
-    attn_mask = None
-    if masked:
-        attn_mask = torch.ones(batch, 1, seq_len, seq_len, dtype=torch.bool, device=device)
-        if masked:
-            attn_mask &= globalize(mask, 1)[:, None, None, :]
-        if causal:
-            attn_mask &= torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    attn_mask = dense_attention_mask(globalize(mask, 1), seq_len, causal, device) if masked else None
     ref_out = F.scaled_dot_product_attention(
         *ref_inputs, attn_mask=attn_mask, is_causal=causal and not masked, enable_gqa=True
     )
