@@ -83,6 +83,18 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+def assert_ended_in_failure(run, elapsed: float, out: Path, within: float = ENDS_WITHIN_S, returncode: int | None = None) -> str:
+    """The job failed (with `returncode`, if given) within `within` seconds and left no process
+    behind; returns its output."""
+    if returncode is None:
+        assert run.returncode != 0
+    else:
+        assert run.returncode == returncode
+    assert elapsed < within, elapsed
+    assert_no_process_left(out)
+    return run.stdout + run.stderr
+
+
 @pytest.fixture(scope="module")
 def rank1_killed(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
     out = tmp_path_factory.mktemp("rank1_killed")
@@ -92,31 +104,21 @@ def rank1_killed(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, f
 
 @pytest.mark.timeout(200)
 def test_exception_on_one_rank_ends_the_job_with_the_original_error(tmp_path):
-    run, elapsed = run_job("raise", tmp_path)
-    output = run.stdout + run.stderr
-    assert run.returncode != 0
+    output = assert_ended_in_failure(*run_job("raise", tmp_path), tmp_path)
     assert "RuntimeError: original error: rank 1 failed at step 7" in output, output[-3000:]
-    assert elapsed < ENDS_WITHIN_S, elapsed
-    assert_no_process_left(tmp_path)
 
 
 @pytest.mark.timeout(200)
 def test_hung_rank_ends_at_the_collective_timeout(tmp_path):
-    run, elapsed = run_job("hang", tmp_path)
-    output = run.stdout + run.stderr
-    assert run.returncode != 0
+    output = assert_ended_in_failure(*run_job("hang", tmp_path), tmp_path)
     assert "Timed out waiting 30000ms" in output, output[-3000:]
     assert "another rank most likely failed or stopped first" in output
-    assert elapsed < ENDS_WITHIN_S, elapsed
-    assert_no_process_left(tmp_path)
 
 
 @pytest.mark.timeout(200)
 def test_killed_rank_ends_the_job_with_its_checkpoints_written(rank1_killed):
     out, run, elapsed = rank1_killed
-    assert run.returncode != 0
-    assert elapsed < ENDS_WITHIN_S, elapsed
-    assert_no_process_left(out)
+    assert_ended_in_failure(run, elapsed, out)
     assert not (out / "params.pt").exists()
     assert torch.load(out / "epochs" / "last.ckpt", weights_only=False)["global_step"] == 4  # epoch 1
     assert torch.load(out / "steps" / "last.ckpt", weights_only=False)["global_step"] == 5  # 1 batch into epoch 2
@@ -136,6 +138,4 @@ def test_resume_after_a_killed_rank_reproduces_the_uninterrupted_run(tmp_path, u
 @pytest.mark.parametrize("mode", ["kill_launcher", "kill_launcher_busy"], ids=["in-step", "rank1-busy"])
 def test_killed_launcher_ends_the_job_at_once(tmp_path, mode):
     run, elapsed = run_job(mode, tmp_path)
-    assert run.returncode == -9
-    assert elapsed < LAUNCHER_KILL_ENDS_WITHIN_S, elapsed
-    assert_no_process_left(tmp_path)
+    assert_ended_in_failure(run, elapsed, tmp_path, within=LAUNCHER_KILL_ENDS_WITHIN_S, returncode=-9)
