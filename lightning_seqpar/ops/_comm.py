@@ -3,9 +3,10 @@ both attention algorithms are built from.
 
 - `ring_visit`: every rank's block visits every rank once; the next block is already in flight
   while the current one is used.
-- `ring_visit_and_reduce`: the same walk, and each visit returns a partial gradient for the
-  visiting block's owner; partials travel behind the block and arrive home summed after one more
-  hop. This is how dK/dV reach their owner without an all-reduce of the whole sequence.
+- `ring_visit_and_reduce`: the same walk, and each visit adds a partial gradient for the
+  visiting block's owner into the buffer that travels behind the block; it arrives home summed
+  after one more hop. This is how dK/dV reach their owner without an all-reduce of the whole
+  sequence.
 """
 
 from __future__ import annotations
@@ -78,34 +79,54 @@ def ring_visit(ring: Ring, local: torch.Tensor, visit: Callable[[int, torch.Tens
 def ring_visit_and_reduce(
     ring: Ring,
     local: torch.Tensor,
-    visit: Callable[[int, torch.Tensor], torch.Tensor | None],
+    visit: Callable[[int, torch.Tensor, Callable[[], torch.Tensor | None]], torch.Tensor | None],
     zeros: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
-    """Like `ring_visit`, but `visit(owner, block)` returns this rank's partial gradient for
-    the owner's block (shaped like `zeros()`, or None for zero). Returns the sum over all
-    ranks of the partials for the local block."""
-    if ring.size == 1:
-        partial = visit(ring.rank, local)
-        return zeros() if partial is None else partial
-    current = local
+    """Like `ring_visit`, but `visit(owner, block, arrived)` adds this rank's partial gradient
+    for the owner's block and returns the buffer to pass on. `arrived()` waits for and returns
+    the partials of the ranks that visited the block before (None at the first step, when
+    nothing has arrived yet): the visit adds into it in place, or returns a fresh buffer shaped
+    like `zeros()` if it got None, or returns None when it adds nothing. Returns the sum over
+    all ranks of the partials for the local block.
+
+    Adding into the arrived buffer, rather than summing a partial of one's own into it, saves
+    two passes over a float32 tensor the size of the block per step: the zero fill and the sum.
+    """
     carried = carried_pending = None
+
+    def arrived() -> torch.Tensor | None:
+        nonlocal carried_pending
+        if carried_pending is not None:
+            wait(carried_pending)
+            carried_pending = None
+        return carried
+
+    current = local
     for step in range(ring.size):
         last = step == ring.size - 1
         if not last:
             incoming, pending = ring.exchange(current, BLOCK_TAG)
-        partial = visit(ring.owner(step), current)
-        if carried_pending is not None:
-            # The accumulator for this owner arrived while the block above was computed.
-            wait(carried_pending)
-            partial = carried if partial is None else carried.add_(partial)
-        elif partial is None:
-            partial = zeros()
+        partial = visit(ring.owner(step), current, arrived)
+        if partial is None:
+            # The visit added nothing: what arrived goes on as it came.
+            partial = arrived()
+            if partial is None:
+                partial = zeros()
+        if ring.size == 1:
+            return partial
+        # This rank is done with what arrived (it was received into `carried`): the next
+        # receive gets a fresh buffer.
         carried, carried_pending = ring.exchange(partial, GRAD_TAG)
         if not last:
             wait(pending)
             current = incoming
-    wait(carried_pending)
-    return carried
+    return arrived()
+
+
+def add_into(arrived: torch.Tensor | None, partial: torch.Tensor) -> torch.Tensor:
+    """`arrived + partial`, in place where a buffer arrived: the usual body of a visit of
+    `ring_visit_and_reduce` whose partial is computed whole."""
+    return partial if arrived is None else arrived.add_(partial)
 
 
 # torch 2.13 renamed all_gather_into_tensor; older releases (the GPU image's 2.11) lack the new name.

@@ -113,12 +113,13 @@ def forward_output_layout(x: torch.Tensor, kernel) -> torch.Tensor:
 
 
 def accumulator_like(x: torch.Tensor, dtype: torch.dtype, kernel) -> torch.Tensor:
-    """Zeros for summing `kernel`'s gradients of `x`: in the kernel's output layout, so each
-    `+=` is a plain streaming add instead of a transposing one."""
+    """An uninitialised buffer for summing `kernel`'s gradients of `x` (the first gradient is
+    copied in): in the kernel's output layout, so each `+=` is a plain streaming add instead of
+    a transposing one."""
     if isinstance(kernel, _FusedCudaKernel):
         b, h, length, d = x.shape
-        return torch.zeros((b, length, h, d), dtype=dtype, device=x.device).transpose(1, 2)
-    return torch.zeros(x.shape, dtype=dtype, device=x.device)
+        return torch.empty((b, length, h, d), dtype=dtype, device=x.device).transpose(1, 2)
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
 class CudaFlashKernel(_FusedCudaKernel):

@@ -52,8 +52,9 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
     batch, heads, local_len, _ = q.shape
     groups = heads // k.size(1)
     acc = accumulation_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full((batch, heads, local_len), EMPTY_LSE, dtype=acc, device=q.device)
+    # Filled by the first visit: the rank's own block, one call over all its rows.
+    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    lse = torch.empty((batch, heads, local_len), dtype=acc, device=q.device)
     kernel = select_block_kernel(q, masks is not None)
 
     def visit(owner: int, kv: torch.Tensor) -> None:
@@ -69,7 +70,11 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
                 empty = _rows_without_keys(key_mask, task.causal)
                 block_lse = block_lse.masked_fill(empty, EMPTY_LSE)
                 block_out = block_out.masked_fill(empty.unsqueeze(-1), 0.0)
-            merge_block_(out[:, :, task.q], lse[:, :, task.q], block_out, block_lse)
+            if owner == ring.rank:
+                out.copy_(block_out)
+                lse.copy_(block_lse)
+            else:
+                merge_block_(out[:, :, task.q], lse[:, :, task.q], block_out, block_lse)
 
     ring_visit(ring, torch.stack([k, v]), visit)
     lse.masked_fill_(lse < EMPTY_LSE / 2, float("inf"))
@@ -81,17 +86,16 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scal
     groups = q.size(1) // k.size(1)
     acc = accumulation_dtype(q.dtype)
     kernel = select_block_kernel(q, masks is not None)
+    # Filled by the first visit (the rank's own block, one call over all rows), then summed into.
     dq = accumulator_like(q, acc, kernel)
     dout, out = (forward_output_layout(t.to(q.dtype), kernel) for t in (dout, out))
 
     def zeros() -> torch.Tensor:
         return torch.zeros((2, *k.shape), dtype=acc, device=k.device)
 
-    def visit(owner: int, kv: torch.Tensor) -> torch.Tensor | None:
+    def visit(owner: int, kv: torch.Tensor, arrived) -> torch.Tensor | None:
         tasks = _block_tasks(ring, owner, local_len, layout, causal)
-        if not tasks:
-            return None
-        dkv = zeros()
+        dkv = None
         for task in tasks:
             key_mask = None if masks is None else masks[owner][:, task.k]
             dq_b, dk_b, dv_b = kernel.backward(
@@ -101,9 +105,20 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scal
                 out[:, :, task.q], _rows(lse, task.q),
                 scale=scale, causal=task.causal, bias=_key_bias(key_mask, q.dtype),
             )
+            dk_b, dv_b = reduce_heads(dk_b, groups), reduce_heads(dv_b, groups)
+            if owner == ring.rank:
+                # Nothing has been summed yet, for dq nor for this block's dK/dV: copy, don't add.
+                dq.copy_(dq_b)
+                dkv = torch.empty((2, *k.shape), dtype=acc, device=k.device)
+                dkv[0].copy_(dk_b)
+                dkv[1].copy_(dv_b)
+                continue
             dq[:, :, task.q] += dq_b
-            dkv[0][:, :, task.k] += reduce_heads(dk_b, groups)
-            dkv[1][:, :, task.k] += reduce_heads(dv_b, groups)
+            if dkv is None:
+                # The other ranks' partials for this block, received while the kernel above ran.
+                dkv = arrived()
+            dkv[0][:, :, task.k] += dk_b
+            dkv[1][:, :, task.k] += dv_b
         return dkv
 
     dkv = ring_visit_and_reduce(ring, torch.stack([k, v]), visit, zeros)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
+from lightning_seqpar.ops._comm import Ring, add_into, ring_visit, ring_visit_and_reduce
 from lightning_seqpar.ops._common import gather_key_padding_masks, no_autocast, prepare
 from lightning_seqpar.ops._kernels import accumulation_dtype
 from lightning_seqpar.ops._pieces import local_positions
@@ -81,10 +81,10 @@ def rsa_backward(dout, q, k, v, probs, ring: Ring, *, scale):
 
     dprobs = torch.empty_like(probs)
 
-    def value_grads(owner: int, value: torch.Tensor) -> torch.Tensor:
+    def value_grads(owner: int, value: torch.Tensor, arrived) -> torch.Tensor:
         cols = _columns(owner, local_len)
         dprobs[..., cols] = torch.matmul(dout_grouped, value.to(acc).unsqueeze(2).transpose(-1, -2))
-        return torch.matmul(probs[..., cols].transpose(-1, -2), dout_grouped).sum(2)
+        return add_into(arrived(), torch.matmul(probs[..., cols].transpose(-1, -2), dout_grouped).sum(2))
 
     dv = ring_visit_and_reduce(ring, v.contiguous(), value_grads, zeros)
     dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))
@@ -93,10 +93,10 @@ def rsa_backward(dout, q, k, v, probs, ring: Ring, *, scale):
     q_grouped = _grouped(q, kv_heads, acc)
     dq = torch.zeros_like(q_grouped)
 
-    def key_grads(owner: int, key: torch.Tensor) -> torch.Tensor:
+    def key_grads(owner: int, key: torch.Tensor, arrived) -> torch.Tensor:
         cols = _columns(owner, local_len)
         dq.add_(torch.matmul(dscores[..., cols], key.to(acc).unsqueeze(2)))
-        return torch.matmul(dscores[..., cols].transpose(-1, -2), q_grouped).sum(2)
+        return add_into(arrived(), torch.matmul(dscores[..., cols].transpose(-1, -2), q_grouped).sum(2))
 
     dk = ring_visit_and_reduce(ring, k.contiguous(), key_grads, zeros)
     return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
