@@ -1,4 +1,4 @@
-"""Both attention algorithms against `F.scaled_dot_product_attention` on the whole sequence in
+"""The attention algorithms against `F.scaled_dot_product_attention` on the whole sequence in
 one process: the gathered output and the gradients of q, k and v.
 
 Tolerance: relative Frobenius error ||x - ref|| / ||ref|| <= 1e-10 in float64 and <= 1e-5 in
@@ -72,7 +72,8 @@ def relative_error(x, ref):
 
 
 HEADS = [(4, 4), (4, 2), (4, 1)]
-CASES = list(itertools.product(["ring", "rsa"], [False, True], ["contiguous", "zigzag"], HEADS, [False, True]))
+ALGOS = ["ring", "rsa", "allgather"]
+CASES = list(itertools.product(ALGOS, [False, True], ["contiguous", "zigzag"], HEADS, [False, True]))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -94,7 +95,7 @@ def test_matches_single_process_sdpa(process_pools, world_size, dtype, algo, cau
         assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
 
 
-@pytest.mark.parametrize("algo", ["ring", "rsa"])
+@pytest.mark.parametrize("algo", ALGOS)
 def test_rows_without_keys_are_zero_with_zero_gradient(algo):
     """A query that sees no real key (left padding under a causal mask) attends to nothing."""
     q, k, v, dout, mask = make_inputs(0, 1, 4, 2, torch.float64, masked=True)
@@ -108,13 +109,13 @@ def test_rows_without_keys_are_zero_with_zero_gradient(algo):
 
 def test_group_of_one_is_sdpa_with_scale():
     q, k, v, dout, _ = make_inputs(1, 1, 4, 2, torch.float32, masked=False)
-    for algo, causal in itertools.product(["ring", "rsa"], [False, True]):
+    for algo, causal in itertools.product(ALGOS, [False, True]):
         out = ATTENTION_OPS[algo](q, k, v, causal=causal, scale=0.3)
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.3, enable_gqa=True)
         assert relative_error(out, ref) <= 1e-6
 
 
-@pytest.mark.parametrize("algo", ["ring", "rsa"])
+@pytest.mark.parametrize("algo", ALGOS)
 def test_autocast_casts_inputs_like_sdpa(algo):
     """Under autocast, mixed float32/bf16 inputs (RoPE'd q, k beside a bf16 v) are cast to the
     autocast dtype as SDPA's are, and the gradients flow back in each input's own dtype."""

@@ -53,7 +53,7 @@ PROBLEMS = {
 }
 
 
-@pytest.mark.parametrize("algo", ["ring", "rsa"])
+@pytest.mark.parametrize("algo", ["ring", "rsa", "allgather"])
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 def test_error_on_every_rank(process_pools, algo, problem):
     outcomes = process_pools(WORLD_SIZE).run(call_with_problem, algo, problem, timeout=60)
