@@ -55,6 +55,7 @@ from lightning_seqpar.data_utils import (
 from lightning_seqpar.integrations import load_installed as load_installed_integrations
 from lightning_seqpar.layout import LAYOUTS, required_multiple, sequence_positions, shard_sequence
 from lightning_seqpar.ops import ATTENTION_OPS
+from lightning_seqpar.ops._checks import check_groups_for_rows, register_check_group
 from lightning_seqpar.ops._comm import collective_device
 from lightning_seqpar.sampler import LOADER_STATE_MARK, make_resumable
 from lightning_seqpar.swap import RingContext, SwapReport, restore_attention, swap_attention
@@ -98,6 +99,9 @@ def _device_mesh(device_type: str, dp_size: int, sp_size: int):
         mesh = _MESHES[key] = init_device_mesh(device_type, (dp_size, sp_size), mesh_dim_names=("dp", "sp"))
     return mesh
 
+
+# This rank's CPU twin of its mesh's sequence-parallel group, cached like the meshes.
+_CHECK_TWINS: dict[tuple, Any] = {}
 
 
 def _seed_worker(worker_id: int, dp_rank: int, user_init_fn=None) -> None:
@@ -355,6 +359,19 @@ class SeqParStrategy(DDPStrategy):
         super().setup_environment()
         self._mesh = _device_mesh(self.root_device.type, self.dp_size, self.sp_size)
         self._apply_timeout_to_mesh_groups()
+        self._register_check_group()
+
+    def _register_check_group(self) -> None:
+        # Attention checks its inputs on every rank at every call; read back from an NCCL
+        # all-gather, that stalls the host until the GPU catches up, once per layer. A gloo twin
+        # of the sp group does the same check on the CPU.
+        sp_group = self.sp_group
+        if self.sp_size == 1 or dist.get_backend(sp_group) == dist.Backend.GLOO:
+            return
+        key = (self.dp_size, self.sp_size, id(dist.group.WORLD))
+        if key not in _CHECK_TWINS:
+            _CHECK_TWINS[key] = check_groups_for_rows(self._mesh, self._timeout)
+        register_check_group(sp_group, _CHECK_TWINS[key])
 
     def _apply_timeout_to_mesh_groups(self) -> None:
         # new_group() gives the mesh's sub-groups the backend's default timeout (30 min on gloo,

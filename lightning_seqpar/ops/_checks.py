@@ -5,6 +5,11 @@ peers') must not leave the other ranks waiting in the ring forever. Each rank en
 sees into a small integer record, the group all-gathers the records once, and every rank raises
 the same error. The cost is one tiny collective per call; `set_input_checks(False)` removes it
 once a model is known to be well formed (benchmarks do this).
+
+Reading the records back from an NCCL all-gather makes the host wait for the GPU at every
+attention call, so the CPU can no longer queue kernels ahead of it. `register_check_group`
+names a CPU (gloo) group over the same ranks to run the check through instead; the strategy
+registers one for its sequence-parallel group on NCCL.
 """
 
 from __future__ import annotations
@@ -43,6 +48,48 @@ def set_input_checks(enabled: bool) -> None:
 
 def input_checks_enabled() -> bool:
     return _ENABLED
+
+
+# Attention group -> CPU group over the same ranks that checks its calls' inputs.
+_CHECK_GROUPS: dict = {}
+
+
+def _key(group):
+    return dist.group.WORLD if group is None else group
+
+
+def register_check_group(group, cpu_group) -> None:
+    """Check the inputs of attention calls on `group` (None = the world) through `cpu_group`, a
+    gloo group over the same ranks: no host-device synchronisation per call. `cpu_group=None`
+    removes the registration."""
+    if cpu_group is None:
+        _CHECK_GROUPS.pop(_key(group), None)
+        return
+    if dist.get_backend(cpu_group) != dist.Backend.GLOO:
+        raise ValueError(f"the check group must be a gloo (CPU) group, got backend {dist.get_backend(cpu_group)!r}")
+    ranks, cpu_ranks = dist.get_process_group_ranks(_key(group)), dist.get_process_group_ranks(cpu_group)
+    if ranks != cpu_ranks:
+        raise ValueError(f"the check group must hold the group's ranks in the same order: {ranks} != {cpu_ranks}")
+    _CHECK_GROUPS[_key(group)] = cpu_group
+
+
+def check_groups_for_rows(mesh, timeout=None):
+    """A gloo group over the ranks of every row of a 2-D `mesh` (the rows are the groups of its
+    last dim, e.g. the sequence-parallel groups of a ("dp", "sp") mesh); returns this rank's.
+    Every rank must call this, in the same order: each `new_group` is a collective of the
+    whole world."""
+    mine = None
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    for ranks in mesh.mesh.tolist():
+        group = dist.new_group(ranks, backend="gloo", **kwargs)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
+
+
+def check_group(group):
+    """The group an attention call on `group` is checked through."""
+    return _CHECK_GROUPS.get(_key(group), group)
 
 
 def _local_problem(q, k, v, key_padding_mask, layout) -> int:
@@ -103,7 +150,8 @@ def check_attention_inputs(q, k, v, *, group, layout: str, key_padding_mask, dro
     if not _ENABLED:
         return
     mine = torch.tensor(_record(q, k, v, key_padding_mask, layout), dtype=torch.int64)
-    records = all_gather_rows(mine.to(collective_device(group)).unsqueeze(0), group).squeeze(1).tolist()
+    through = check_group(group)
+    records = all_gather_rows(mine.to(collective_device(through)).unsqueeze(0), through).squeeze(1).tolist()
     bad = [(rank, rec[0]) for rank, rec in enumerate(records) if rec[0]]
     if bad:
         details = "; ".join(f"rank {rank}: {_LOCAL_PROBLEMS[code]}" for rank, code in bad)
