@@ -10,6 +10,7 @@ SDPA on the global sequence that such a ring would hold.
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,9 @@ import torch.nn.functional as F
 from lightning_seqpar.layout import shard_sequence, unshard_sequence
 from lightning_seqpar.ops import ATTENTION_OPS, set_input_checks
 from lightning_seqpar.ops import _comm, _common
+
+# The package exports the op under its module's name, which hides the module: fetch it by path.
+allgather_module = importlib.import_module("lightning_seqpar.ops.allgather_attention")
 
 
 @contextlib.contextmanager
@@ -66,8 +70,13 @@ def _simulated_transfer(send: torch.Tensor):
 
 @contextlib.contextmanager
 def every_rank_holds_mine():
-    """Ring exchanges return what was sent: every rank's K/V chunk equals this rank's."""
-    original_exchange, original_gather = _comm.Ring.exchange, _common.all_gather_rows
+    """Every rank's K/V chunk equals this rank's: ring exchanges return what was sent, and the
+    all-gathers (of key padding masks, and of K/V in the all-gather op) return this rank's part
+    once per rank. The all-gather op's reduce-scatter returns the sum of this rank's partials
+    for every rank's chunk: with all chunks equal, that is the gradient of the one chunk they
+    all are, as the ring's simulated gradient walk sums them too (see `check_rank`'s dk)."""
+    originals = (_comm.Ring.exchange, _common.all_gather_rows, allgather_module.all_gather_kv,
+                 allgather_module.reduce_scatter_grads)
 
     def exchange(self, send, tag):
         return _simulated_transfer(send)
@@ -75,11 +84,19 @@ def every_rank_holds_mine():
     def gather(local, group):
         return local.unsqueeze(0).expand(dist.get_world_size(group), *local.shape).contiguous()
 
-    _comm.Ring.exchange, _common.all_gather_rows = exchange, gather
+    def gather_kv(kv, ring):
+        return gather(kv, ring.group)
+
+    def reduce_scatter(partials, ring):
+        return partials.sum(0)
+
+    (_comm.Ring.exchange, _common.all_gather_rows, allgather_module.all_gather_kv,
+     allgather_module.reduce_scatter_grads) = (exchange, gather, gather_kv, reduce_scatter)
     try:
         yield
     finally:
-        _comm.Ring.exchange, _common.all_gather_rows = original_exchange, original_gather
+        (_comm.Ring.exchange, _common.all_gather_rows, allgather_module.all_gather_kv,
+         allgather_module.reduce_scatter_grads) = originals
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
