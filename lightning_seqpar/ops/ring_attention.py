@@ -52,10 +52,11 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
     batch, heads, local_len, _ = q.shape
     groups = heads // k.size(1)
     acc = accumulation_dtype(q.dtype)
-    # Filled by the first visit: the rank's own block, one call over all its rows.
-    out = torch.empty(q.shape, dtype=acc, device=q.device)
-    lse = torch.empty((batch, heads, local_len), dtype=acc, device=q.device)
     kernel = select_block_kernel(q, masks is not None)
+    # Filled by the first visit (the rank's own block, one call over all its rows), then merged
+    # into. Stored as the kernel stores its outputs, so that copy and the merges stream.
+    out = accumulator_like(q, acc, kernel)
+    lse = torch.empty((batch, heads, local_len), dtype=acc, device=q.device)
 
     def visit(owner: int, kv: torch.Tensor) -> None:
         for task in _block_tasks(ring, owner, local_len, layout, causal):
