@@ -17,8 +17,9 @@ at long chunks the ring, which hides its transfers behind its block calls, wins.
 Memory: what is saved for the backward is O(L_local), as for the ring (q, k, v, out, lse and
 the gathered key padding mask, a few bytes per global token). The gathered K/V, L x Hkv x D per
 rank for each of K and V, exist only transiently, in the forward and again in the backward, and
-so do the backward's float32 dK/dV for all L rows; with grouped-query heads, one call's keys and
-values are also expanded to the Hq query heads for the kernel.
+so do the backward's float32 dK/dV for all L rows (and their rank-major copy that the
+reduce-scatter sends); with grouped-query heads, one call's keys and values are also expanded to
+the Hq query heads for the kernel. Its transient peak is therefore several times the ring's.
 """
 
 from __future__ import annotations
