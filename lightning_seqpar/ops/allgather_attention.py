@@ -24,6 +24,8 @@ the Hq query heads for the kernel. Its transient peak is therefore several times
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -55,7 +57,10 @@ def reduce_scatter_grads(partials: torch.Tensor, ring: Ring) -> torch.Tensor:
     return mine
 
 
-def _piece_sources(world_size: int, layout: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+# The index tensors are cached per device: building one from a Python list on a GPU is a
+# host-to-device copy that waits for the GPU to finish all queued work, at every call.
+@functools.lru_cache(maxsize=64)
+def _piece_sources(world_size: int, layout: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """For each global piece in order: the group rank that holds it, and its index among that
     rank's local pieces."""
     count = world_size * pieces_per_rank(layout)
@@ -64,6 +69,12 @@ def _piece_sources(world_size: int, layout: str, device) -> tuple[torch.Tensor, 
         for slot, piece in enumerate(rank_pieces(rank, world_size, layout)):
             owners[piece], slots[piece] = rank, slot
     return torch.tensor(owners, device=device), torch.tensor(slots, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _held_pieces(world_size: int, layout: str, device: torch.device) -> torch.Tensor:
+    """`[W, n]`: the global pieces each group rank holds, in local order."""
+    return torch.tensor([rank_pieces(r, world_size, layout) for r in range(world_size)], device=device)
 
 
 def _to_global_order(gathered: torch.Tensor, seq_dim: int, layout: str) -> torch.Tensor:
@@ -85,8 +96,7 @@ def _to_rank_major(x: torch.Tensor, world_size: int, layout: str) -> torch.Tenso
     local pieces at `[r]`, contiguous as a reduce-scatter sends it."""
     per_rank = pieces_per_rank(layout)
     pieces = x.unflatten(3, (world_size * per_rank, -1)).movedim(3, 0)
-    held = torch.tensor([rank_pieces(r, world_size, layout) for r in range(world_size)], device=x.device)
-    return pieces[held]
+    return pieces[_held_pieces(world_size, layout, x.device)]
 
 
 def _gathered_kv(k: torch.Tensor, v: torch.Tensor, ring: Ring, layout: str) -> torch.Tensor:
@@ -145,8 +155,9 @@ def allgather_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, k
     acc = accumulation_dtype(q.dtype)
     kv = _gathered_kv(k, v, ring, layout)
     kernel = select_block_kernel(q, key_mask is not None)
-    # Every row is filled by the first call of its query rows.
-    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    # Every row is filled by the first call of its query rows; stored as the kernel stores its
+    # outputs, so that fill and the merges stream.
+    out = accumulator_like(q, acc, kernel)
     lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
     calls = _calls(ring.rank, ring.size, q.size(2), layout, causal)
     for i, call in enumerate(calls):
