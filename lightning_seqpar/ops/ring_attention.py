@@ -9,6 +9,8 @@ until they reach their owner. No tensor spans L_local x L.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
@@ -37,13 +39,42 @@ def _rows_without_keys(mask: torch.Tensor, causal: bool) -> torch.Tensor:
     return (~mask.any(-1))[:, None, None]
 
 
-def _block_tasks(ring: Ring, owner: int, local_len: int, layout: str, causal: bool):
-    return causal_step_tasks(ring.rank, owner, ring.size, local_len, layout, causal)
+@functools.lru_cache(maxsize=4096)
+def _step_tasks(rank: int, owner: int, size: int, local_len: int, layout: str, causal: bool) -> tuple:
+    # Cached: the ring asks for the same few plans at every step of every layer.
+    return tuple(causal_step_tasks(rank, owner, size, local_len, layout, causal))
+
+
+def _block_tasks(ring: Ring, owner: int, local_len: int, layout: str, causal: bool) -> tuple:
+    return _step_tasks(ring.rank, owner, ring.size, local_len, layout, causal)
 
 
 def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
     whole = rows.start == 0 and rows.stop == x.size(2)
     return x if whole else x[:, :, rows].contiguous()
+
+
+def _view(x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows of `x` along its sequence dim (2), as a view: `narrow` costs a fraction of the
+    CPU time of `x[:, :, rows]`, and the ring makes several per step."""
+    return x.narrow(2, rows.start, rows.stop - rows.start)
+
+
+class _RowCopies:
+    """Row ranges of one tensor of the local rows, as the block kernels take them (`prepare`
+    of each range): each range is prepared once per call, however many ring steps use it
+    (under zigzag, every step uses one of the same two halves)."""
+
+    def __init__(self, x: torch.Tensor, prepare=torch.Tensor.contiguous):
+        self.x, self._prepare, self._copies = x, prepare, {}
+
+    def __call__(self, rows: slice) -> torch.Tensor:
+        if rows.start == 0 and rows.stop == self.x.size(2):
+            return self.x
+        key = (rows.start, rows.stop)
+        if key not in self._copies:
+            self._copies[key] = self._prepare(_view(self.x, rows))
+        return self._copies[key]
 
 
 def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks):
@@ -57,12 +88,13 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
     # into. Stored as the kernel stores its outputs, so that copy and the merges stream.
     out = accumulator_like(q, acc, kernel)
     lse = torch.empty((batch, heads, local_len), dtype=acc, device=q.device)
+    q_rows = _RowCopies(q)
 
     def visit(owner: int, kv: torch.Tensor) -> None:
         for task in _block_tasks(ring, owner, local_len, layout, causal):
             key_mask = None if masks is None else masks[owner][:, task.k]
             block_out, block_lse = kernel.forward(
-                _rows(q, task.q),
+                q_rows(task.q),
                 expand_heads(_rows(kv[0], task.k), groups),
                 expand_heads(_rows(kv[1], task.k), groups),
                 scale=scale, causal=task.causal, bias=_key_bias(key_mask, q.dtype),
@@ -75,7 +107,7 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
                 out.copy_(block_out)
                 lse.copy_(block_lse)
             else:
-                merge_block_(out[:, :, task.q], lse[:, :, task.q], block_out, block_lse)
+                merge_block_(_view(out, task.q), _view(lse, task.q), block_out, block_lse)
 
     ring_visit(ring, torch.stack([k, v]), visit)
     lse.masked_fill_(lse < EMPTY_LSE / 2, float("inf"))
@@ -90,20 +122,22 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scal
     # Filled by the first visit (the rank's own block, one call over all rows), then summed into.
     dq = accumulator_like(q, acc, kernel)
     dout, out = (forward_output_layout(t.to(q.dtype), kernel) for t in (dout, out))
+    kernel_layout = functools.partial(forward_output_layout, kernel=kernel)
+    q_rows, lse_rows = _RowCopies(q), _RowCopies(lse)
+    dout_rows, out_rows = _RowCopies(dout, kernel_layout), _RowCopies(out, kernel_layout)
 
     def zeros() -> torch.Tensor:
         return torch.zeros((2, *k.shape), dtype=acc, device=k.device)
 
     def visit(owner: int, kv: torch.Tensor, arrived) -> torch.Tensor | None:
-        tasks = _block_tasks(ring, owner, local_len, layout, causal)
         dkv = None
-        for task in tasks:
+        for task in _block_tasks(ring, owner, local_len, layout, causal):
             key_mask = None if masks is None else masks[owner][:, task.k]
             dq_b, dk_b, dv_b = kernel.backward(
-                dout[:, :, task.q], _rows(q, task.q),
+                dout_rows(task.q), q_rows(task.q),
                 expand_heads(_rows(kv[0], task.k), groups),
                 expand_heads(_rows(kv[1], task.k), groups),
-                out[:, :, task.q], _rows(lse, task.q),
+                out_rows(task.q), lse_rows(task.q),
                 scale=scale, causal=task.causal, bias=_key_bias(key_mask, q.dtype),
             )
             dk_b, dv_b = reduce_heads(dk_b, groups), reduce_heads(dv_b, groups)
@@ -114,12 +148,12 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scal
                 dkv[0].copy_(dk_b)
                 dkv[1].copy_(dv_b)
                 continue
-            dq[:, :, task.q] += dq_b
+            _view(dq, task.q).add_(dq_b)
             if dkv is None:
                 # The other ranks' partials for this block, received while the kernel above ran.
                 dkv = arrived()
-            dkv[0][:, :, task.k] += dk_b
-            dkv[1][:, :, task.k] += dv_b
+            _view(dkv[0], task.k).add_(dk_b)
+            _view(dkv[1], task.k).add_(dv_b)
         return dkv
 
     dkv = ring_visit_and_reduce(ring, torch.stack([k, v]), visit, zeros)
