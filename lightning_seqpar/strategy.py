@@ -188,8 +188,11 @@ class SeqParStrategy(DDPStrategy):
     Args:
         sp_size: ranks per sequence-parallel group; "auto" = the devices of one node (a ring
             stays inside a node). Must divide the world size.
-        attention: "ring" (ring attention with online softmax, O(L/sp) memory) or "rsa" (the
-            paper's Ring Self-Attention, quadratic memory: the reference).
+        attention: "ring" (ring attention with online softmax, O(L/sp) memory), "allgather"
+            (one all-gather of K/V, then a few fused calls: faster for short chunks, K/V of
+            the whole sequence held for the length of each call), "auto" (allgather below
+            `lightning_seqpar.ops.set_allgather_below` tokens per rank, 4096 by default, else
+            ring) or "rsa" (the paper's Ring Self-Attention, quadratic memory: the reference).
         layout: how sequences are cut: "zigzag" (balanced for causal attention; sequence length
             a multiple of 2 × sp_size), "contiguous" (a multiple of sp_size), "auto" = zigzag.
         seq_keys: mapping keys / dataclass fields whose tensors are sequences to cut; None =
@@ -231,8 +234,9 @@ class SeqParStrategy(DDPStrategy):
             raise ValueError(f"sp_size must be a positive int or 'auto' (the devices of one node), got {sp_size!r}")
         if attention not in ATTENTION_OPS:
             raise ValueError(
-                f"unknown attention {attention!r}: use attention='ring' (ring attention, O(L/sp) memory) "
-                f"or attention='rsa' (Ring Self-Attention)"
+                f"unknown attention {attention!r}: use attention='ring' (ring attention, O(L/sp) memory), "
+                f"'allgather' (all-gathered K/V, for short chunks), 'auto' (allgather for short chunks, "
+                f"else ring) or 'rsa' (Ring Self-Attention)"
             )
         if layout != "auto" and layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}: use 'auto', {', '.join(map(repr, LAYOUTS))}")

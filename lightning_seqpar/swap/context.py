@@ -22,9 +22,10 @@ from lightning_seqpar.ops._pieces import check_layout
 class RingContext:
     """Attention over a sequence cut across the ranks of `group` in `layout`.
 
-    group: the sequence-parallel process group (None = the world). algorithm: "ring" (ring
-    attention, O(L_local) memory) or "rsa" (the paper's Ring Self-Attention). layout: how the
-    global sequence was cut ("contiguous" or "zigzag").
+    group: the sequence-parallel process group (None = the world). algorithm: a key of
+    `ATTENTION_OPS`: "ring" (ring attention, O(L_local) memory), "allgather" (all-gathered K/V,
+    for short chunks), "auto" (allgather below a local length, else ring) or "rsa" (the paper's
+    Ring Self-Attention). layout: how the global sequence was cut ("contiguous" or "zigzag").
     """
 
     group: Any

@@ -59,13 +59,14 @@ def baseline(kind, mask_style):
 
 
 # ring runs in the default (zigzag) layout with dense causal+padding masks, rsa in the
-# contiguous layout with is_causal=True, so each layout and mask path is covered.
-ATTENTION = {"ring": ("auto", "dense"), "rsa": ("contiguous", "is_causal")}
+# contiguous layout with is_causal=True, so each layout and mask path is covered; "auto" takes
+# the all-gather op at these short chunks (zigzag, is_causal).
+ATTENTION = {"ring": ("auto", "dense"), "rsa": ("contiguous", "is_causal"), "auto": ("zigzag", "is_causal")}
 CONFIGS = [(2, 2), (4, 2), (4, 4)]
 
 
 @pytest.mark.parametrize("kind", ["lm", "encoder"])
-@pytest.mark.parametrize("attention", ["ring", "rsa"])
+@pytest.mark.parametrize("attention", list(ATTENTION))
 @pytest.mark.parametrize("devices,sp_size", CONFIGS, ids=[f"w{d}-sp{s}" for d, s in CONFIGS])
 def test_training_equals_one_process(process_pools, devices, sp_size, attention, kind):
     layout, mask_style = ATTENTION[attention]

@@ -1,0 +1,59 @@
+"""The attention algorithm chosen by chunk length: the all-gather op for short chunks, the ring
+for long ones.
+
+Below a few thousand tokens per rank the ring's cost is its launches: one fused call, one merge
+and one exchange per step, N steps, whatever the chunk length, so it runs at a fraction of the
+GPU's speed. The all-gather op makes one collective and one to four fused calls per rank; its
+transfers are not hidden behind compute and its gathered K/V are O(L) for the length of the
+call, both of which grow with the chunk. The choice depends only on the local length, which
+the input check makes equal on every rank, so every rank of a group takes the same path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lightning_seqpar.ops.allgather_attention import allgather_attention
+from lightning_seqpar.ops.ring_attention import ring_attention
+
+# Local lengths below this go through the all-gather op. Measured on one H200, one simulated
+# rank of eight (benchmarks/attention.py), bf16, 32 heads x 128: see BENCHMARKS.md section 1.
+DEFAULT_ALLGATHER_BELOW = 4096
+
+_allgather_below = int(os.environ.get("LIGHTNING_SEQPAR_ALLGATHER_BELOW", DEFAULT_ALLGATHER_BELOW))
+
+
+def set_allgather_below(tokens: int) -> None:
+    """Local lengths (tokens per rank) below `tokens` take the all-gather op under "auto";
+    0 = always the ring."""
+    global _allgather_below
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"set_allgather_below takes a number of tokens per rank >= 0, got {tokens!r}")
+    _allgather_below = tokens
+
+
+def allgather_below() -> int:
+    return _allgather_below
+
+
+def auto_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "contiguous",
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """`allgather_attention` when the local length is below `allgather_below()`, else
+    `ring_attention`; same contract as both."""
+    op = allgather_attention if q.dim() >= 3 and q.size(2) < _allgather_below else ring_attention
+    return op(
+        q, k, v, group=group, causal=causal, scale=scale, layout=layout,
+        key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+    )
