@@ -7,12 +7,15 @@ and a profiler trace of the ring.
     torchrun --nproc-per-node=2 benchmarks/multi_gpu.py --device cpu --smoke   # the plumbing, on gloo
 
 Parts, in this order (cheap and safe first):
-- correctness: both attention algorithms on NCCL against SDPA on the whole sequence in float64,
+- correctness: the attention algorithms (ring, allgather, rsa) on NCCL against SDPA on the whole
+  sequence in float64,
   for every group size 2, 4, 8 that fits; fp32 and bf16; out, dq, dk, dv.
 - strategy: `Trainer(strategy=SeqParStrategy(...))` on the GPUs against one GPU holding the
   whole sequence (a separate process), 5 AdamW steps, fp32 and bf16-mixed.
 - scaling: weak scaling at fixed tokens per GPU: the ~1B Llama-style model's training step and
-  the attention alone, N = 1 and every group size.
+  the attention alone (ring and all-gather ops), N = 1 and every group size.
+- checks: the training step with the per-call input check off, through the attention's NCCL
+  group, and through a gloo twin of it (what the strategy registers).
 - context_parallel: our ring against torch's `context_parallel` on the same shapes and GPUs.
 - trace: a torch.profiler trace of one ring forward + backward on NCCL; how much of the NCCL
   kernels' time ran beside compute.
@@ -55,10 +58,11 @@ from benchmarks.simulated_ring import dense_attention_mask, relative_error  # no
 from lightning_seqpar.layout import sequence_positions, shard_sequence, unshard_sequence  # noqa: E402
 from lightning_seqpar.models.gpt import GPT  # noqa: E402
 from lightning_seqpar.ops import ATTENTION_OPS, set_input_checks  # noqa: E402
+from lightning_seqpar.ops._checks import register_check_group  # noqa: E402
 from lightning_seqpar.swap import RingContext, swap_attention  # noqa: E402
 from lightning_seqpar.swap.context import ring_context  # noqa: E402
 
-PARTS = ["correctness", "strategy", "scaling", "context_parallel", "trace", "capacity"]
+PARTS = ["correctness", "strategy", "scaling", "checks", "context_parallel", "trace", "capacity"]
 # fp32 comparisons must not be blurred by TF32 matmuls.
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -139,13 +143,13 @@ def correctness(run: Run):
     rows, failures = [], 0
     dtypes = [torch.float32, torch.bfloat16] if run.cuda else [torch.float32]
     local_len = 64 if run.args.smoke else 256
-    run.log(f"{'N':>2} {'dtype':>8} {'algo':>4} {'mask':>6} {'layout':>10} {'Hkv':>3} {'pad':>3} | "
+    run.log(f"{'N':>2} {'dtype':>8} {'algo':>9} {'mask':>6} {'layout':>10} {'Hkv':>3} {'pad':>3} | "
             f"{'worst err':>9} {'SDPA err':>9} {'tol':>8} | ok")
     for n in run.sizes:
         group = run.groups[n]
         member = run.rank < n
         for dtype in dtypes:
-            for algo, causal, layout, hkv, masked in [(a, c, lay, h, m) for a in ("ring", "rsa") for c in (False, True)
+            for algo, causal, layout, hkv, masked in [(a, c, lay, h, m) for a in ("ring", "allgather", "rsa") for c in (False, True)
                                                       for lay in ("contiguous", "zigzag") for h in (8, 2) for m in (False, True)]:
                 if not member:
                     continue
@@ -171,7 +175,7 @@ def correctness(run: Run):
                            kv_heads=hkv, padded=masked, errors=dict(zip(("out", "dq", "dk", "dv"), errors)),
                            single_gpu_errors=dict(zip(("out", "dq", "dk", "dv"), single_err)), tolerance=tol, ok=ok)
                 rows.append(row)
-                run.log(f"{n:>2} {row['dtype']:>8} {algo:>4} {'causal' if causal else 'full':>6} {layout:>10} {hkv:>3} "
+                run.log(f"{n:>2} {row['dtype']:>8} {algo:>9} {'causal' if causal else 'full':>6} {layout:>10} {hkv:>3} "
                         f"{'yes' if masked else 'no':>3} | {errors[worst]:9.2e} {single_err[worst]:9.2e} {tol[worst]:8.1e} | "
                         f"{'ok' if ok else 'FAIL'}")
         dist.barrier()
@@ -346,27 +350,69 @@ def scaling(run: Run):
     model.close()
     run.log("# model step = forward + backward + AdamW of the causal LM (zigzag), bf16 autocast, batch 1")
     heads, kv_heads, dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    run.log(f"{'N':>2} {'tok/GPU':>7} {'mask':>6} | {'fwd+bwd ms':>10} {'eff':>5}   (attention alone: {heads} q / {kv_heads} kv heads x {dim})")
+    run.log(f"{'N':>2} {'tok/GPU':>7} {'mask':>6} {'algo':>9} | {'fwd+bwd ms':>10} {'eff':>5}   "
+            f"(attention alone: {heads} q / {kv_heads} kv heads x {dim})")
     for causal in (True, False):
-        for tokens in tokens_list:
+        for tokens in a.attention_tokens:
             qkv = _attention_inputs(run, heads, kv_heads, tokens, dim)
             expanded = [qkv[0]] + [t.detach().repeat_interleave(heads // kv_heads, 1).requires_grad_() for t in qkv[1:]]
             t1 = _time_attention(run, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), expanded, reps)
             t1 = run.max_over(t1)
             rows.append(dict(kind="attention", world_size=1, causal=causal, tokens_per_gpu=tokens, fwdbwd_ms=t1, efficiency=1.0))
-            run.log(f"{1:>2} {tokens:>7} {'causal' if causal else 'full':>6} | {t1:10.2f} {1.0:5.2f}  (fused SDPA)")
+            run.log(f"{1:>2} {tokens:>7} {'causal' if causal else 'full':>6} {'SDPA':>9} | {t1:10.2f} {1.0:5.2f}")
             for n in run.sizes:
-                if run.rank < n:
-                    tn = _time_attention(run, lambda q, k, v: ATTENTION_OPS["ring"](q, k, v, group=run.groups[n], causal=causal, layout="zigzag"), qkv, reps)
-                dist.barrier()
-                tn = run.max_over(tn if run.rank < n else 0.0)
-                rows.append(dict(kind="attention", world_size=n, causal=causal, tokens_per_gpu=tokens, fwdbwd_ms=tn, efficiency=n * t1 / tn))
-                run.log(f"{n:>2} {tokens:>7} {'causal' if causal else 'full':>6} | {tn:10.2f} {n * t1 / tn:5.2f}")
+                for algo in ("ring", "allgather"):
+                    if run.rank < n:
+                        tn = _time_attention(run, lambda q, k, v: ATTENTION_OPS[algo](q, k, v, group=run.groups[n], causal=causal, layout="zigzag"), qkv, reps)
+                    dist.barrier()
+                    tn = run.max_over(tn if run.rank < n else 0.0)
+                    rows.append(dict(kind="attention", algorithm=algo, world_size=n, causal=causal, tokens_per_gpu=tokens,
+                                     fwdbwd_ms=tn, efficiency=n * t1 / tn))
+                    run.log(f"{n:>2} {tokens:>7} {'causal' if causal else 'full':>6} {algo:>9} | {tn:10.2f} {n * t1 / tn:5.2f}")
             del qkv, expanded
             run.free()
-    run.log("# attention eff = N x t(fused SDPA, N=1) / t(ring, N); the slowest rank's median time")
+    run.log("# attention eff = N x t(fused SDPA, N=1) / t(op, N); the slowest rank's median time")
     set_input_checks(True)
-    run.write("scaling", {"tokens": tokens_list, "reps": reps, "model": "tiny" if a.smoke else "llama_1b"}, rows)
+    run.write("scaling", {"tokens": tokens_list, "attention_tokens": a.attention_tokens, "reps": reps,
+                          "model": "tiny" if a.smoke else "llama_1b"}, rows)
+
+
+# ----- the per-call input check -----------------------------------------------------------------
+
+def checks(run: Run):
+    """The model's training step at the largest group size with the attention ops' input check
+    off, through the attention's own group ("group": on NCCL the records are read back from the
+    GPU, so the host waits for it at every attention call) and through a gloo twin of the group
+    ("twin": a CPU collective, what the strategy registers). Two rounds, alternating; ratio =
+    step time / step time with the check off, same round."""
+    a = run.args
+    n = run.sizes[-1]
+    group = run.groups[n]
+    twin = dist.new_group(list(range(n)), backend="gloo")  # every rank takes part in new_group
+    model = Model(run)
+    rows = []
+    run.log(f"{'tok/GPU':>7} {'round':>5} | {'off ms':>8} {'group ms':>8} {'twin ms':>8} | {'group/off':>9} {'twin/off':>8}")
+    for tokens in a.tokens:
+        for round_ in (1, 2):
+            times = {}
+            for mode in ("off", "group", "twin"):
+                set_input_checks(mode != "off")
+                register_check_group(group, twin if mode == "twin" and run.rank < n else None)
+                t = 0.0
+                if run.rank < n:
+                    t = time_ms(lambda: model.step(1, tokens, n, run.rank, group), run.device.type, a.reps)
+                dist.barrier()
+                times[mode] = run.max_over(t)
+            register_check_group(group, None)
+            set_input_checks(True)
+            rows.append(dict(world_size=n, tokens_per_gpu=tokens, round=round_, **{f"{m}_ms": t for m, t in times.items()},
+                             group_over_off=times["group"] / times["off"], twin_over_off=times["twin"] / times["off"]))
+            r = rows[-1]
+            run.log(f"{tokens:>7} {round_:>5} | {times['off']:8.1f} {times['group']:8.1f} {times['twin']:8.1f} | "
+                    f"{r['group_over_off']:9.3f} {r['twin_over_off']:8.3f}")
+    model.close()
+    run.log(f"# N = {n}, the model's training step (batch 1, bf16 autocast), the slowest rank's median")
+    run.write("checks", {"tokens": a.tokens, "reps": a.reps, "model": "tiny" if a.smoke else "llama_1b"}, rows)
 
 
 # ----- torch's context_parallel -----------------------------------------------------------------
@@ -598,6 +644,8 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384], help="tokens per GPU")
+    parser.add_argument("--attention-tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
+                        help="tokens per GPU of the attention-alone rows of the scaling part")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--cp-heads", type=int, default=32)
     parser.add_argument("--cp-head-dim", type=int, default=64)
@@ -613,7 +661,7 @@ def main():
     if a.strategy_baseline:
         return strategy_baseline(a.strategy_baseline, a.precision, a.device)
     if a.smoke:
-        a.tokens, a.trace_tokens, a.reps = [256, 512], 512, 2
+        a.tokens, a.attention_tokens, a.trace_tokens, a.reps = [256, 512], [256, 512], 512, 2
     if a.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if a.device == "cuda" else "gloo", timeout=timedelta(seconds=a.timeout))

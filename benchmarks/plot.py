@@ -25,6 +25,10 @@ def efficiency_plot():
                 rows = [r for r in data["rows"] if r["head_dim"] == dim and r["causal"] == causal]
                 label = f"ring, D={dim}, {'causal zigzag' if causal else 'non-causal'}"
                 ax.plot([r["tokens_per_rank"] for r in rows], [r[f"ring_{phase}_eff"] for r in rows], marker="o", label=label)
+        for causal, style in ((False, "--"), (True, ":")):
+            gathered = [r for r in data["rows"] if r["head_dim"] == 128 and r["causal"] == causal and f"allgather_{phase}_eff" in r]
+            ax.plot([r["tokens_per_rank"] for r in gathered], [r[f"allgather_{phase}_eff"] for r in gathered], "m" + style,
+                    marker="s", label=f"all-gather op, D=128, {'causal zigzag' if causal else 'non-causal'}")
         rsa = [r for r in data["rows"] if r["head_dim"] == 128 and not r["causal"] and f"rsa_{phase}_eff" in r]
         ax.plot([r["tokens_per_rank"] for r in rsa], [r[f"rsa_{phase}_eff"] for r in rsa], "k--", marker="x", label="RSA, D=128, non-causal")
         ax.axhline(0.95 if phase == "fwd" else 0.85, color="grey", lw=0.8, ls=":")
