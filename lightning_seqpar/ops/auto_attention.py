@@ -18,9 +18,12 @@ import torch
 from lightning_seqpar.ops.allgather_attention import allgather_attention
 from lightning_seqpar.ops.ring_attention import ring_attention
 
-# Local lengths below this go through the all-gather op. Measured on one H200, one simulated
-# rank of eight (benchmarks/attention.py), bf16, 32 heads x 128: see BENCHMARKS.md section 1.
-DEFAULT_ALLGATHER_BELOW = 4096
+# Local lengths below this go through the all-gather op (BENCHMARKS.md, sections 1 and 7). One
+# simulated rank of eight on an H200, forward+backward: at 1K tokens per rank the all-gather op
+# is 1.4-3.1x faster than the ring, at 2K 0.94-1.8x, from 4K the ring is faster (1.02-1.5x).
+# Two H200s over NCCL: the all-gather op is 1.15-1.4x faster below 8K without a causal mask,
+# and 1.2-1.4x slower with one.
+DEFAULT_ALLGATHER_BELOW = 2048
 
 _allgather_below = int(os.environ.get("LIGHTNING_SEQPAR_ALLGATHER_BELOW", DEFAULT_ALLGATHER_BELOW))
 
