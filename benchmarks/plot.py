@@ -68,16 +68,18 @@ def multi_gpu_plot():
     for n in sorted({r["world_size"] for r in scaling["rows"]} - {1}):
         model = [r for r in scaling["rows"] if r["kind"] == "model" and r["world_size"] == n]
         left.plot([r["tokens_per_gpu"] for r in model], [r["efficiency"] for r in model], marker="s", label=f"1B model step, N={n}")
-        for causal in (True, False):
-            rows = [r for r in scaling["rows"] if r["kind"] == "attention" and r["world_size"] == n and r["causal"] == causal]
-            left.plot([r["tokens_per_gpu"] for r in rows], [r["efficiency"] for r in rows], marker="o",
-                      label=f"attention, N={n}, {'causal zigzag' if causal else 'non-causal'}")
+        for algorithm, style in (("ring", "-"), ("allgather", ":")):
+            for causal in (True, False):
+                rows = [r for r in scaling["rows"] if r["kind"] == "attention" and r["world_size"] == n
+                        and r["causal"] == causal and r.get("algorithm", "ring") == algorithm]
+                left.plot([r["tokens_per_gpu"] for r in rows], [r["efficiency"] for r in rows], style, marker="o",
+                          label=f"{algorithm} attention, N={n}, {'causal zigzag' if causal else 'non-causal'}")
     left.axhline(0.90, color="grey", lw=0.8, ls=":")
     left.axhline(0.85, color="grey", lw=0.8, ls="--")
     left.set_xscale("log", base=2)
     left.set_xlabel("tokens per GPU")
     left.set_ylabel("per-GPU throughput at N / at N = 1")
-    left.set_title("weak scaling over NCCL", fontsize=9)
+    left.set_title(f"weak scaling over NCCL: {scaling['gpus']} x {scaling['card']}, {scaling['date']}", fontsize=9)
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
     longest = [r for r in capacity["rows"] if r["kind"] == "longest"]
@@ -88,8 +90,8 @@ def multi_gpu_plot():
     for x, value in enumerate(values):
         right.text(x, value, f"{value:.0f}K", ha="center", va="bottom", fontsize=8)
     right.set_ylabel("longest sequence that trains (K tokens)")
-    right.set_title("~1B Llama-style model, AdamW, bf16 autocast, batch 1", fontsize=9)
-    fig.suptitle(f"{scaling['gpus']} x {scaling['card']}, {scaling['date']}")
+    right.set_title(f"~1B Llama-style model, AdamW, bf16 autocast, batch 1\n{capacity['gpus']} x {capacity['card']}, "
+                    f"{capacity['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / "multi_gpu.png", dpi=110)
 
