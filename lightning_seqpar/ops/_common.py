@@ -59,3 +59,30 @@ def reduce_heads(dx: torch.Tensor, groups: int) -> torch.Tensor:
         return dx
     b, h, length, d = dx.shape
     return dx.view(b, h // groups, groups, length, d).sum(2)
+
+
+def lse_attention_function(name: str, gather_masks, forward, backward) -> type[torch.autograd.Function]:
+    """The autograd Function of an op that computes the local output and its lse in one pass
+    and its gradients from them in another (the ring and the all-gather op):
+    `gather_masks(key_padding_mask, ring, layout)` collects what the op needs of the group's
+    key padding masks, `forward(q, k, v, ring, masks, *, causal, scale, layout)` returns
+    (out, lse) and `backward(dout, q, k, v, out, lse, ring, masks, *, causal, scale, layout)`
+    returns (dq, dk, dv). Both run with autocast off: the ops choose their own precision."""
+
+    def forward_(ctx, q, k, v, key_padding_mask, group, causal, scale, layout):
+        ring = Ring(group)
+        with no_autocast(q.device):
+            masks = gather_masks(key_padding_mask, ring, layout)
+            out, lse = forward(q, k, v, ring, masks, causal=causal, scale=scale, layout=layout)
+        ctx.save_for_backward(q, k, v, out, lse, masks)
+        ctx.ring, ctx.causal, ctx.scale, ctx.layout = ring, causal, scale, layout
+        return out
+
+    def backward_(ctx, dout):
+        q, k, v, out, lse, masks = ctx.saved_tensors
+        with no_autocast(q.device):
+            dq, dk, dv = backward(dout, q, k, v, out, lse, ctx.ring, masks, causal=ctx.causal, scale=ctx.scale, layout=ctx.layout)
+        return dq, dk, dv, None, None, None, None, None
+
+    namespace = {"forward": staticmethod(forward_), "backward": staticmethod(backward_), "__module__": forward.__module__}
+    return type(name, (torch.autograd.Function,), namespace)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_seqpar.ops._comm import Ring, all_gather_rows
-from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, no_autocast, prepare, reduce_heads
+from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
 from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, forward_output_layout, select_block_kernel
 from lightning_seqpar.ops._merge import merge_block_
 from lightning_seqpar.ops._pieces import BlockTask, pieces_per_rank, rank_pieces
@@ -147,7 +147,7 @@ def _first_of_rows(calls: list[BlockTask], i: int) -> bool:
     return i == 0 or calls[i - 1].q != calls[i].q
 
 
-def allgather_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, key_mask):
+def allgather_attention_forward(q, k, v, ring: Ring, key_mask, *, causal, scale, layout):
     """Returns the local output (dtype of q) and its lse (`[B, Hq, L_local]`, float32/64; +inf
     on rows that see no key at all, so their backward is zero). `key_mask`: `[B, L]`, global
     order, or None."""
@@ -180,7 +180,7 @@ def allgather_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, k
     return out.to(q.dtype), lse
 
 
-def allgather_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scale, layout, key_mask):
+def allgather_attention_backward(dout, q, k, v, out, lse, ring: Ring, key_mask, *, causal, scale, layout):
     groups = q.size(1) // k.size(1)
     acc = accumulation_dtype(q.dtype)
     # Gathered again rather than saved: saving it would make activation memory O(L).
@@ -211,27 +211,9 @@ def allgather_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal,
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, group, causal, scale, layout):
-        ring = Ring(group)
-        with no_autocast(q.device):
-            key_mask = _global_key_mask(key_padding_mask, ring, layout)
-            out, lse = allgather_attention_forward(
-                q, k, v, ring, causal=causal, scale=scale, layout=layout, key_mask=key_mask
-            )
-        ctx.save_for_backward(q, k, v, out, lse, key_mask)
-        ctx.ring, ctx.causal, ctx.scale, ctx.layout = ring, causal, scale, layout
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, key_mask = ctx.saved_tensors
-        with no_autocast(q.device):
-            dq, dk, dv = allgather_attention_backward(
-                dout, q, k, v, out, lse, ctx.ring, causal=ctx.causal, scale=ctx.scale, layout=ctx.layout, key_mask=key_mask
-            )
-        return dq, dk, dv, None, None, None, None, None
+_AllGatherAttention = lse_attention_function(
+    "_AllGatherAttention", _global_key_mask, allgather_attention_forward, allgather_attention_backward
+)
 
 
 def allgather_attention(

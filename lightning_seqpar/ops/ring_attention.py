@@ -14,7 +14,7 @@ import functools
 import torch
 
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
-from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, no_autocast, prepare, reduce_heads
+from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
 from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, forward_output_layout, select_block_kernel
 from lightning_seqpar.ops._merge import merge_block_
 from lightning_seqpar.ops._pieces import causal_step_tasks
@@ -77,7 +77,7 @@ class _RowCopies:
         return self._copies[key]
 
 
-def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks):
+def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout):
     """Returns the local output (dtype of q) and its lse (`[B, Hq, L_local]`, float32/64;
     +inf on rows that see no key at all, so their backward is zero)."""
     batch, heads, local_len, _ = q.shape
@@ -114,7 +114,7 @@ def ring_attention_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks)
     return out.to(q.dtype), lse
 
 
-def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scale, layout, masks):
+def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causal, scale, layout):
     local_len = q.size(2)
     groups = q.size(1) // k.size(1)
     acc = accumulation_dtype(q.dtype)
@@ -160,25 +160,11 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, *, causal, scal
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, group, causal, scale, layout):
-        ring = Ring(group)
-        with no_autocast(q.device):
-            masks = gather_key_padding_masks(key_padding_mask, ring)
-            out, lse = ring_attention_forward(q, k, v, ring, causal=causal, scale=scale, layout=layout, masks=masks)
-        ctx.save_for_backward(q, k, v, out, lse, masks)
-        ctx.ring, ctx.causal, ctx.scale, ctx.layout = ring, causal, scale, layout
-        return out
+def _rank_masks(key_padding_mask, ring: Ring, layout: str):
+    return gather_key_padding_masks(key_padding_mask, ring)
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, masks = ctx.saved_tensors
-        with no_autocast(q.device):
-            dq, dk, dv = ring_attention_backward(
-                dout, q, k, v, out, lse, ctx.ring, causal=ctx.causal, scale=ctx.scale, layout=ctx.layout, masks=masks
-            )
-        return dq, dk, dv, None, None, None, None, None
+
+_RingAttention = lse_attention_function("_RingAttention", _rank_masks, ring_attention_forward, ring_attention_backward)
 
 
 def ring_attention(
