@@ -369,8 +369,12 @@ class SeqParStrategy(DDPStrategy):
         # Attention checks its inputs on every rank at every call; read back from an NCCL
         # all-gather, that stalls the host until the GPU catches up, once per layer. A gloo twin
         # of the sp group does the same check on the CPU.
+        # LIGHTNING_SEQPAR_CPU_CHECKS=0 keeps the check on the sp group itself (e.g. where gloo
+        # can't connect the ranks).
         sp_group = self.sp_group
         if self.sp_size == 1 or dist.get_backend(sp_group) == dist.Backend.GLOO:
+            return
+        if os.environ.get("LIGHTNING_SEQPAR_CPU_CHECKS", "1") == "0" or not dist.is_gloo_available():
             return
         key = (self.dp_size, self.sp_size, id(dist.group.WORLD))
         if key not in _CHECK_TWINS:
