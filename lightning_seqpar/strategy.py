@@ -102,6 +102,17 @@ def _device_mesh(device_type: str, dp_size: int, sp_size: int):
 
 # This rank's CPU twin of its mesh's sequence-parallel group, cached like the meshes.
 _CHECK_TWINS: dict[tuple, Any] = {}
+CPU_CHECKS_ENV = "LIGHTNING_SEQPAR_CPU_CHECKS"
+
+
+def checks_on_a_cpu_twin(sp_size: int, backend: str) -> bool:
+    """Whether the strategy gives its sp group a gloo twin for the attention ops' input checks:
+    only where there is a group to check (sp_size > 1), its own collectives run on a device
+    backend (NCCL), gloo exists, and LIGHTNING_SEQPAR_CPU_CHECKS isn't "0" (set it where gloo
+    can't connect the ranks: the check then runs on the sp group itself)."""
+    if sp_size == 1 or backend == dist.Backend.GLOO:
+        return False
+    return os.environ.get(CPU_CHECKS_ENV, "1") != "0" and dist.is_gloo_available()
 
 
 def _seed_worker(worker_id: int, dp_rank: int, user_init_fn=None) -> None:
@@ -369,12 +380,8 @@ class SeqParStrategy(DDPStrategy):
         # Attention checks its inputs on every rank at every call; read back from an NCCL
         # all-gather, that stalls the host until the GPU catches up, once per layer. A gloo twin
         # of the sp group does the same check on the CPU.
-        # LIGHTNING_SEQPAR_CPU_CHECKS=0 keeps the check on the sp group itself (e.g. where gloo
-        # can't connect the ranks).
         sp_group = self.sp_group
-        if self.sp_size == 1 or dist.get_backend(sp_group) == dist.Backend.GLOO:
-            return
-        if os.environ.get("LIGHTNING_SEQPAR_CPU_CHECKS", "1") == "0" or not dist.is_gloo_available():
+        if not checks_on_a_cpu_twin(self.sp_size, dist.get_backend(sp_group)):
             return
         key = (self.dp_size, self.sp_size, id(dist.group.WORLD))
         if key not in _CHECK_TWINS:
