@@ -25,16 +25,31 @@ from lightning_seqpar.ops.ring_attention import ring_attention
 # and 1.2-1.4x slower with one.
 DEFAULT_ALLGATHER_BELOW = 2048
 
-_allgather_below = int(os.environ.get("LIGHTNING_SEQPAR_ALLGATHER_BELOW", DEFAULT_ALLGATHER_BELOW))
+ENV = "LIGHTNING_SEQPAR_ALLGATHER_BELOW"
+
+
+def _checked(tokens, source: str) -> int:
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"{source} takes a number of tokens per rank >= 0, got {tokens!r}")
+    return tokens
+
+
+def _from_environment() -> int:
+    text = os.environ.get(ENV)
+    if text is None:
+        return DEFAULT_ALLGATHER_BELOW
+    return _checked(int(text) if text.strip().isdigit() else text, ENV)
+
+
+_allgather_below = _from_environment()
 
 
 def set_allgather_below(tokens: int) -> None:
     """Local lengths (tokens per rank) below `tokens` take the all-gather op under "auto";
-    0 = always the ring."""
+    0 = always the ring. The environment variable LIGHTNING_SEQPAR_ALLGATHER_BELOW sets the
+    starting value."""
     global _allgather_below
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-        raise ValueError(f"set_allgather_below takes a number of tokens per rank >= 0, got {tokens!r}")
-    _allgather_below = tokens
+    _allgather_below = _checked(tokens, "set_allgather_below")
 
 
 def allgather_below() -> int:

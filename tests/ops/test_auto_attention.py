@@ -99,3 +99,14 @@ def test_ranks_on_either_side_of_the_threshold_raise_on_every_rank(process_pools
         assert outcome.error_type == "ValueError", f"rank {outcome.rank}: {outcome.error_type} {outcome.error}"
         assert "same batch, heads, head dim, dtype, mask presence and local length" in outcome.error
     assert process_pools(WORLD_SIZE).run_ok(dist.get_rank) == [0, 1]
+
+
+def test_environment_sets_the_threshold_or_names_itself(monkeypatch):
+    monkeypatch.setenv(auto_module.ENV, "1024")
+    assert auto_module._from_environment() == 1024
+    monkeypatch.delenv(auto_module.ENV)
+    assert auto_module._from_environment() == auto_module.DEFAULT_ALLGATHER_BELOW
+    for bad in ("-5", "2k", ""):
+        monkeypatch.setenv(auto_module.ENV, bad)
+        with pytest.raises(ValueError, match="LIGHTNING_SEQPAR_ALLGATHER_BELOW takes a number of tokens per rank"):
+            auto_module._from_environment()
