@@ -29,12 +29,12 @@ import functools
 import torch
 import torch.distributed as dist
 
+from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, contiguous_rows, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, all_gather_rows
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
-from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, forward_output_layout, select_block_kernel
+from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, select_block_kernel
 from lightning_seqpar.ops._merge import merge_block_
 from lightning_seqpar.ops._pieces import BlockTask, pieces_per_rank, rank_pieces
-from lightning_seqpar.ops.ring_attention import EMPTY_LSE, _key_bias, _rows_without_keys
 
 # torch 2.13 renamed reduce_scatter_tensor (the old name warns); the GPU image's 2.11 lacks the new name.
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -129,16 +129,10 @@ def _calls(rank: int, world_size: int, local_len: int, layout: str, causal: bool
     return calls
 
 
-def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows of `[B, H, L, D]` (or `[B, H, L]`), contiguous, as the block kernels take them."""
-    whole = rows.start == 0 and rows.stop == x.size(2)
-    return x if whole else x[:, :, rows].contiguous()
-
-
 def _key_rows(x: torch.Tensor, rows: slice, groups: int) -> torch.Tensor:
     """Rows of the gathered keys or values for one call, with the query heads' count."""
     if groups == 1:
-        return _rows(x, rows)
+        return contiguous_rows(x, rows)
     # Expanding the heads copies into a fresh contiguous tensor anyway.
     return expand_heads(x[:, :, rows], groups)
 
@@ -159,24 +153,20 @@ def allgather_attention_forward(q, k, v, ring: Ring, key_mask, *, causal, scale,
     # outputs, so that fill and the merges stream.
     out = accumulator_like(q, acc, kernel)
     lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
+    q_rows = RowCopies(q)
     calls = _calls(ring.rank, ring.size, q.size(2), layout, causal)
     for i, call in enumerate(calls):
-        call_mask = None if key_mask is None else key_mask[:, call.k]
-        block_out, block_lse = kernel.forward(
-            _rows(q, call.q), _key_rows(kv[0], call.k, groups), _key_rows(kv[1], call.k, groups),
-            scale=scale, causal=call.causal, bias=_key_bias(call_mask, q.dtype),
+        block_out, block_lse = block_forward(
+            kernel, q_rows(call.q), _key_rows(kv[0], call.k, groups), _key_rows(kv[1], call.k, groups),
+            scale=scale, causal=call.causal, key_mask=None if key_mask is None else key_mask[:, call.k],
         )
-        if call_mask is not None:
-            empty = _rows_without_keys(call_mask, call.causal)
-            block_lse = block_lse.masked_fill(empty, EMPTY_LSE)
-            block_out = block_out.masked_fill(empty.unsqueeze(-1), 0.0)
         if _first_of_rows(calls, i):
-            out[:, :, call.q] = block_out
-            lse[:, :, call.q] = block_lse
+            row_view(out, call.q).copy_(block_out)
+            row_view(lse, call.q).copy_(block_lse)
         else:
-            merge_block_(out[:, :, call.q], lse[:, :, call.q], block_out, block_lse)
+            merge_block_(row_view(out, call.q), row_view(lse, call.q), block_out, block_lse)
     del kv
-    lse.masked_fill_(lse < EMPTY_LSE / 2, float("inf"))
+    finish_lse_(lse)
     return out.to(q.dtype), lse
 
 
@@ -187,23 +177,23 @@ def allgather_attention_backward(dout, q, k, v, out, lse, ring: Ring, key_mask, 
     kv = _gathered_kv(k, v, ring, layout)
     kernel = select_block_kernel(q, key_mask is not None)
     dq = accumulator_like(q, acc, kernel)
-    dout, out = (forward_output_layout(t.to(q.dtype), kernel) for t in (dout, out))
     # Zeros: under a causal mask this rank's queries see no key after its own pieces.
     dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+    q_rows, lse_rows, dout_rows, out_rows = backward_rows(kernel, q, lse, dout, out)
     calls = _calls(ring.rank, ring.size, q.size(2), layout, causal)
     for i, call in enumerate(calls):
         call_mask = None if key_mask is None else key_mask[:, call.k]
         dq_b, dk_b, dv_b = kernel.backward(
-            dout[:, :, call.q], _rows(q, call.q), _key_rows(kv[0], call.k, groups), _key_rows(kv[1], call.k, groups),
-            out[:, :, call.q], _rows(lse, call.q),
-            scale=scale, causal=call.causal, bias=_key_bias(call_mask, q.dtype),
+            dout_rows(call.q), q_rows(call.q), _key_rows(kv[0], call.k, groups), _key_rows(kv[1], call.k, groups),
+            out_rows(call.q), lse_rows(call.q),
+            scale=scale, causal=call.causal, bias=key_bias(call_mask, q.dtype),
         )
         if _first_of_rows(calls, i):
-            dq[:, :, call.q] = dq_b
+            row_view(dq, call.q).copy_(dq_b)
         else:
-            dq[:, :, call.q] += dq_b
-        dkv[0][:, :, call.k] += reduce_heads(dk_b, groups)
-        dkv[1][:, :, call.k] += reduce_heads(dv_b, groups)
+            row_view(dq, call.q).add_(dq_b)
+        row_view(dkv[0], call.k).add_(reduce_heads(dk_b, groups))
+        row_view(dkv[1], call.k).add_(reduce_heads(dv_b, groups))
     del kv
     # [n, 2, B, Hkv, P, D]: this rank's local pieces, summed over every rank's queries.
     mine = reduce_scatter_grads(_to_rank_major(dkv, ring.size, layout), ring)

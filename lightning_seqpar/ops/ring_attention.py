@@ -13,31 +13,12 @@ import functools
 
 import torch
 
+from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, contiguous_rows, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
-from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, forward_output_layout, select_block_kernel
+from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, select_block_kernel
 from lightning_seqpar.ops._merge import merge_block_
 from lightning_seqpar.ops._pieces import causal_step_tasks
-
-# Stand-in for the lse of "no key seen yet". A finite value keeps the merge free of inf - inf;
-# any real lse is larger by ~1e30, so sigmoid weights against it round to exactly 0 or 1.
-EMPTY_LSE = -1.0e30
-
-
-def _key_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive `[B, 1, 1, Lk]` bias from a key padding mask (True = real key)."""
-    if mask is None:
-        return None
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return bias[:, None, None, :]
-
-
-def _rows_without_keys(mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Which query rows of a block see no real key: `[B, 1, Lq or 1]`."""
-    if causal:
-        return (mask.cumsum(-1) == 0)[:, None, :]
-    return (~mask.any(-1))[:, None, None]
-
 
 @functools.lru_cache(maxsize=4096)
 def _step_tasks(rank: int, owner: int, size: int, local_len: int, layout: str, causal: bool) -> tuple:
@@ -47,34 +28,6 @@ def _step_tasks(rank: int, owner: int, size: int, local_len: int, layout: str, c
 
 def _block_tasks(ring: Ring, owner: int, local_len: int, layout: str, causal: bool) -> tuple:
     return _step_tasks(ring.rank, owner, ring.size, local_len, layout, causal)
-
-
-def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
-    whole = rows.start == 0 and rows.stop == x.size(2)
-    return x if whole else x[:, :, rows].contiguous()
-
-
-def _view(x: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows of `x` along its sequence dim (2), as a view: `narrow` costs a fraction of the
-    CPU time of `x[:, :, rows]`, and the ring makes several per step."""
-    return x.narrow(2, rows.start, rows.stop - rows.start)
-
-
-class _RowCopies:
-    """Row ranges of one tensor of the local rows, as the block kernels take them (`prepare`
-    of each range): each range is prepared once per call, however many ring steps use it
-    (under zigzag, every step uses one of the same two halves)."""
-
-    def __init__(self, x: torch.Tensor, prepare=torch.Tensor.contiguous):
-        self.x, self._prepare, self._copies = x, prepare, {}
-
-    def __call__(self, rows: slice) -> torch.Tensor:
-        if rows.start == 0 and rows.stop == self.x.size(2):
-            return self.x
-        key = (rows.start, rows.stop)
-        if key not in self._copies:
-            self._copies[key] = self._prepare(_view(self.x, rows))
-        return self._copies[key]
 
 
 def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout):
@@ -88,29 +41,24 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
     # into. Stored as the kernel stores its outputs, so that copy and the merges stream.
     out = accumulator_like(q, acc, kernel)
     lse = torch.empty((batch, heads, local_len), dtype=acc, device=q.device)
-    q_rows = _RowCopies(q)
+    q_rows = RowCopies(q)
 
     def visit(owner: int, kv: torch.Tensor) -> None:
         for task in _block_tasks(ring, owner, local_len, layout, causal):
-            key_mask = None if masks is None else masks[owner][:, task.k]
-            block_out, block_lse = kernel.forward(
-                q_rows(task.q),
-                expand_heads(_rows(kv[0], task.k), groups),
-                expand_heads(_rows(kv[1], task.k), groups),
-                scale=scale, causal=task.causal, bias=_key_bias(key_mask, q.dtype),
+            block_out, block_lse = block_forward(
+                kernel, q_rows(task.q),
+                expand_heads(contiguous_rows(kv[0], task.k), groups),
+                expand_heads(contiguous_rows(kv[1], task.k), groups),
+                scale=scale, causal=task.causal, key_mask=None if masks is None else masks[owner][:, task.k],
             )
-            if key_mask is not None:
-                empty = _rows_without_keys(key_mask, task.causal)
-                block_lse = block_lse.masked_fill(empty, EMPTY_LSE)
-                block_out = block_out.masked_fill(empty.unsqueeze(-1), 0.0)
             if owner == ring.rank:
                 out.copy_(block_out)
                 lse.copy_(block_lse)
             else:
-                merge_block_(_view(out, task.q), _view(lse, task.q), block_out, block_lse)
+                merge_block_(row_view(out, task.q), row_view(lse, task.q), block_out, block_lse)
 
     ring_visit(ring, torch.stack([k, v]), visit)
-    lse.masked_fill_(lse < EMPTY_LSE / 2, float("inf"))
+    finish_lse_(lse)
     return out.to(q.dtype), lse
 
 
@@ -121,10 +69,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
     kernel = select_block_kernel(q, masks is not None)
     # Filled by the first visit (the rank's own block, one call over all rows), then summed into.
     dq = accumulator_like(q, acc, kernel)
-    dout, out = (forward_output_layout(t.to(q.dtype), kernel) for t in (dout, out))
-    kernel_layout = functools.partial(forward_output_layout, kernel=kernel)
-    q_rows, lse_rows = _RowCopies(q), _RowCopies(lse)
-    dout_rows, out_rows = _RowCopies(dout, kernel_layout), _RowCopies(out, kernel_layout)
+    q_rows, lse_rows, dout_rows, out_rows = backward_rows(kernel, q, lse, dout, out)
 
     def zeros() -> torch.Tensor:
         return torch.zeros((2, *k.shape), dtype=acc, device=k.device)
@@ -135,10 +80,10 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
             key_mask = None if masks is None else masks[owner][:, task.k]
             dq_b, dk_b, dv_b = kernel.backward(
                 dout_rows(task.q), q_rows(task.q),
-                expand_heads(_rows(kv[0], task.k), groups),
-                expand_heads(_rows(kv[1], task.k), groups),
+                expand_heads(contiguous_rows(kv[0], task.k), groups),
+                expand_heads(contiguous_rows(kv[1], task.k), groups),
                 out_rows(task.q), lse_rows(task.q),
-                scale=scale, causal=task.causal, bias=_key_bias(key_mask, q.dtype),
+                scale=scale, causal=task.causal, bias=key_bias(key_mask, q.dtype),
             )
             dk_b, dv_b = reduce_heads(dk_b, groups), reduce_heads(dv_b, groups)
             if owner == ring.rank:
@@ -148,12 +93,12 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
                 dkv[0].copy_(dk_b)
                 dkv[1].copy_(dv_b)
                 continue
-            _view(dq, task.q).add_(dq_b)
+            row_view(dq, task.q).add_(dq_b)
             if dkv is None:
                 # The other ranks' partials for this block, received while the kernel above ran.
                 dkv = arrived()
-            _view(dkv[0], task.k).add_(dk_b)
-            _view(dkv[1], task.k).add_(dv_b)
+            row_view(dkv[0], task.k).add_(dk_b)
+            row_view(dkv[1], task.k).add_(dv_b)
         return dkv
 
     dkv = ring_visit_and_reduce(ring, torch.stack([k, v]), visit, zeros)
