@@ -601,6 +601,8 @@ def capacity(run: Run):
         dist.barrier()
         return run.max_over(0.0 if ok else 1.0) == 0.0
 
+    config = {"granularity": gran, "batch_seq_len": a.batch_seq_len // 8 if a.smoke else a.batch_seq_len,
+              "model": "tiny" if a.smoke else "llama_1b"}
     run.log(f"{'N':>2} | {'longest L (ring, zigzag)':>24} {'x N=1':>6}")
     single = None
     for n in [1] + run.sizes:
@@ -609,8 +611,10 @@ def capacity(run: Run):
         rows.append(dict(kind="longest", parallelism="sequence" if n > 1 else "none", world_size=n, seq_len=longest,
                          vs_single=longest / single, target=0.9 * n))
         run.log(f"{n:>2} | {longest:>24} {longest / single:6.2f}")
+        # Written after every search: a long search cut short by the job's time limit keeps the rest.
+        run.write("capacity", config, rows)
     n = run.world
-    fixed_len = a.batch_seq_len // 8 if a.smoke else a.batch_seq_len
+    fixed_len = config["batch_seq_len"]
     sp_batch = _search(lambda b: sp_fits(n, b, fixed_len // n), 1, 1)
     model.close()
 
@@ -636,7 +640,7 @@ def capacity(run: Run):
                      sp_max_batch=sp_batch, tp_max_batch=tp_batch))
     run.log(f"# on {n} GPUs, batch 1: longest sequence SP {sp_len} vs TP {tp_len} ({sp_len / max(tp_len, 1):.2f}x); "
             f"largest batch at L = {fixed_len}: SP {sp_batch} vs TP {tp_batch}")
-    run.write("capacity", {"granularity": gran, "batch_seq_len": fixed_len, "model": "tiny" if a.smoke else "llama_1b"}, rows)
+    run.write("capacity", config, rows)
 
 
 def main():
