@@ -37,15 +37,19 @@ def main():
     # Short chunks (zigzag halves of 12 rows, head dim 8) beside the usual ones: kernels have
     # alignment rules for rows that don't fill a tile.
     # Batch 1 too: the ring then passes row slices of grad_out/out to the kernels without copies.
-    shapes = [(2, 64, 256), (2, 128, 256), (1, 128, 256), (2, 64, 24), (2, 8, 24)]
-    for (kernel, dtype), causal, masked, (batch, head_dim, local_len) in itertools.product(cases(device), [False, True], [False, True], shapes):
+    # K/V heads 2 (grouped-query: the heads are expanded into fresh tensors) and 8 (K/V rows
+    # reach the kernels as views of the travelling block).
+    shapes = [(2, 64, 256, 2), (2, 128, 256, 2), (1, 128, 256, 2), (2, 64, 24, 2), (2, 8, 24, 2),
+              (2, 64, 256, 8), (1, 128, 256, 8), (2, 64, 24, 8)]
+    for (kernel, dtype), causal, masked, (batch, head_dim, local_len, kv_heads) in itertools.product(
+            cases(device), [False, True], [False, True], shapes):
         if kernel in ("cudnn", "flash") and masked:
             continue  # these kernels take no bias; the selector never gives them a mask
         if kernel == "cudnn" and head_dim not in (64, 128):
             continue  # the selector gives cuDNN only these head dims
         set_block_kernel(kernel)
         try:
-            errors = check_rank("ring", 3, 8, batch=batch, hq=8, hkv=2, local_len=local_len, dim=head_dim, causal=causal,
+            errors = check_rank("ring", 3, 8, batch=batch, hq=8, hkv=kv_heads, local_len=local_len, dim=head_dim, causal=causal,
                                 layout="zigzag", dtype=dtype, device=device, masked=masked, seed=1)
             worst = max(errors.values())
             ok = worst <= TOLERANCE[dtype]
@@ -55,7 +59,7 @@ def main():
         finally:
             set_block_kernel(None)
         failures += not ok
-        print(f"{kernel or 'auto':>10} {str(dtype):>15} causal={causal!s:5} mask={masked!s:5} B={batch} D={head_dim:3} L={local_len:3}  max rel err {worst:.1e}  {status}")
+        print(f"{kernel or 'auto':>10} {str(dtype):>15} causal={causal!s:5} mask={masked!s:5} B={batch} Hkv={kv_heads} D={head_dim:3} L={local_len:3}  max rel err {worst:.1e}  {status}")
     print(f"{failures} failures")
     sys.exit(1 if failures else 0)
 

@@ -48,12 +48,6 @@ def finish_lse_(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill_(lse < EMPTY_LSE / 2, float("inf"))
 
 
-def contiguous_rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows of `[B, H, L(, D)]` along dim 2, contiguous, as the block kernels take them."""
-    whole = rows.start == 0 and rows.stop == x.size(2)
-    return x if whole else x[:, :, rows].contiguous()
-
-
 def row_view(x: torch.Tensor, rows: slice) -> torch.Tensor:
     """Rows of `x` along its sequence dim (2), as a view: `narrow` costs a fraction of the
     CPU time of `x[:, :, rows]`, and the ops make several per block."""
@@ -62,11 +56,11 @@ def row_view(x: torch.Tensor, rows: slice) -> torch.Tensor:
 
 class RowCopies:
     """Row ranges of one tensor of the local rows, as the block kernels take them (`prepare`
-    of each range): each range is prepared once per call of the op, however many blocks use it
-    (under zigzag, every ring step uses one of the same two halves; the all-gather op makes two
-    calls per half)."""
+    of each range; by default the range itself, as a view): each range is prepared once per
+    call of the op, however many blocks use it (under zigzag, every ring step uses one of the
+    same two halves; the all-gather op makes two calls per half)."""
 
-    def __init__(self, x: torch.Tensor, prepare=torch.Tensor.contiguous):
+    def __init__(self, x: torch.Tensor, prepare=lambda rows: rows):
         self.x, self._prepare, self._copies = x, prepare, {}
 
     def __call__(self, rows: slice) -> torch.Tensor:

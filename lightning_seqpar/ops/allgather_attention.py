@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, contiguous_rows, finish_lse_, key_bias, row_view
+from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, all_gather_rows
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
 from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, select_block_kernel
@@ -131,10 +131,7 @@ def _calls(rank: int, world_size: int, local_len: int, layout: str, causal: bool
 
 def _key_rows(x: torch.Tensor, rows: slice, groups: int) -> torch.Tensor:
     """Rows of the gathered keys or values for one call, with the query heads' count."""
-    if groups == 1:
-        return contiguous_rows(x, rows)
-    # Expanding the heads copies into a fresh contiguous tensor anyway.
-    return expand_heads(x[:, :, rows], groups)
+    return expand_heads(row_view(x, rows), groups)
 
 
 def _first_of_rows(calls: list[BlockTask], i: int) -> bool:

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, contiguous_rows, finish_lse_, key_bias, row_view
+from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
 from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, select_block_kernel
@@ -47,8 +47,8 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
         for task in _block_tasks(ring, owner, local_len, layout, causal):
             block_out, block_lse = block_forward(
                 kernel, q_rows(task.q),
-                expand_heads(contiguous_rows(kv[0], task.k), groups),
-                expand_heads(contiguous_rows(kv[1], task.k), groups),
+                expand_heads(row_view(kv[0], task.k), groups),
+                expand_heads(row_view(kv[1], task.k), groups),
                 scale=scale, causal=task.causal, key_mask=None if masks is None else masks[owner][:, task.k],
             )
             if owner == ring.rank:
@@ -80,8 +80,8 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
             key_mask = None if masks is None else masks[owner][:, task.k]
             dq_b, dk_b, dv_b = kernel.backward(
                 dout_rows(task.q), q_rows(task.q),
-                expand_heads(contiguous_rows(kv[0], task.k), groups),
-                expand_heads(contiguous_rows(kv[1], task.k), groups),
+                expand_heads(row_view(kv[0], task.k), groups),
+                expand_heads(row_view(kv[1], task.k), groups),
                 out_rows(task.q), lse_rows(task.q),
                 scale=scale, causal=task.causal, bias=key_bias(key_mask, q.dtype),
             )

@@ -94,3 +94,31 @@ def test_math_fallback_kernel(process_pools, dtype, causal, layout, heads, maske
 def test_unknown_kernel_name():
     with pytest.raises(ValueError, match="unknown block kernel 'triton'"):
         set_block_kernel("triton")
+
+
+@pytest.mark.parametrize("kernel_name", ["math", "cpu_flash"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernels_take_row_views(kernel_name, dtype, causal, masked):
+    """The ops hand the kernels row ranges of longer tensors as views (no copy per ring step):
+    the results must be bit-identical to those on contiguous copies of the same rows."""
+    from lightning_seqpar.ops._kernels import KERNELS
+
+    kernel = KERNELS[kernel_name]
+    gen = torch.Generator().manual_seed(3)
+    whole_q = torch.randn(2, 4, 96, 16, generator=gen, dtype=dtype)
+    whole_kv = torch.randn(2, 2, 4, 96, 16, generator=gen, dtype=dtype)
+    q, k, v = whole_q.narrow(2, 48, 48), whole_kv[0].narrow(2, 16, 48), whole_kv[1].narrow(2, 16, 48)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    bias = None
+    if masked:
+        bias = torch.zeros(2, 1, 1, 48, dtype=dtype)
+        bias[0, ..., 30:] = float("-inf")
+    views = kernel.forward(q, k, v, scale=0.25, causal=causal, bias=bias)
+    copies = kernel.forward(q.contiguous(), k.contiguous(), v.contiguous(), scale=0.25, causal=causal, bias=bias)
+    dout = torch.randn(views[0].shape, generator=gen, dtype=dtype)
+    grads_views = kernel.backward(dout, q, k, v, *copies, scale=0.25, causal=causal, bias=bias)
+    grads_copies = kernel.backward(dout, q.contiguous(), k.contiguous(), v.contiguous(), *copies, scale=0.25, causal=causal, bias=bias)
+    for got, expected in zip((*views, *grads_views), (*copies, *grads_copies)):
+        assert torch.equal(got, expected)
