@@ -1,8 +1,9 @@
 """Block kernels: one attention call of a ring step that returns (out, lse), and its backward
 from the *global* out and lse of the whole ring.
 
-Every kernel takes q, k, v of equal head counts `[B, H, Lq|Lk, D]` (grouped-query K/V are
-expanded by the caller after they have travelled), an optional additive key bias `[B, 1, 1, Lk]`
+Every kernel takes q, k, v `[B, H, Lq|Lk, D]` of equal head counts, and those whose aten op
+handles grouped-query attention itself also fewer K/V heads (`takes_grouped_heads`; otherwise the
+caller expands K/V after they have travelled), an optional additive key bias `[B, 1, 1, Lk]`
 and a square causal flag. q, k and v may be row ranges of longer tensors (views whose last dim
 is unit-stride): the ops pass them so, since a copy of K/V's rows at every ring step cost as
 much as a sixth of that step's attention call on an H200 at 8K tokens per rank. `lse` comes back as `[B, H, Lq]` in the accumulation dtype (float64
@@ -68,6 +69,7 @@ class CpuFlashKernel:
     """torch's fused CPU flash attention (`_scaled_dot_product_flash_attention_for_cpu`)."""
 
     name = "cpu_flash"
+    grouped_heads = True
 
     def forward(self, q, k, v, *, scale, causal, bias):
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
@@ -128,6 +130,7 @@ class CudaFlashKernel(_FusedCudaKernel):
     """`_scaled_dot_product_flash_attention` (FlashAttention-2): fp16/bf16, no bias."""
 
     name = "flash"
+    grouped_heads = True
 
     def forward(self, q, k, v, *, scale, causal, bias):
         result = aten._scaled_dot_product_flash_attention(
@@ -149,6 +152,7 @@ class CudaCudnnKernel(_FusedCudaKernel):
     """`_scaled_dot_product_cudnn_attention` (cuDNN fused attention): fastest on Hopper."""
 
     name = "cudnn"
+    grouped_heads = True
 
     def forward(self, q, k, v, *, scale, causal, bias):
         result = aten._scaled_dot_product_cudnn_attention(
@@ -235,6 +239,55 @@ def _cudnn_usable(q) -> bool:
         return False
     major, _ = torch.cuda.get_device_capability(q.device)
     return major >= 9 and q.size(-1) in (64, 128)
+
+
+_GROUPED_HEADS: dict = {}
+
+
+def _grouped_heads_work(kernel, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `kernel`, given 4 query heads on 2 K/V heads, gives what it gives on each K/V
+    head repeated for its 2 query heads (query head h reads K/V head h // 2, as SDPA's
+    `enable_gqa` and the ops' expansion do): out and lse, and dK/dV summed over the query heads
+    that share a head. Tiny shapes; an error means no (older torch releases reject the head
+    mismatch)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, dout = (torch.randn(1, 4, 16, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, 2, 16, head_dim, generator=gen, device=device).to(dtype) for _ in range(2))
+    k2, v2 = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scale = head_dim ** -0.5
+    try:
+        out, lse = kernel.forward(q, k, v, scale=scale, causal=True, bias=None)
+        grads = kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=True, bias=None)
+    except RuntimeError:
+        return False
+    out2, lse2 = kernel.forward(q, k2, v2, scale=scale, causal=True, bias=None)
+    dq2, dk2, dv2 = kernel.backward(dout, q, k2, v2, out2, lse2, scale=scale, causal=True, bias=None)
+    expected = (out2, lse2, dq2, dk2.unflatten(1, (2, 2)).sum(2), dv2.unflatten(1, (2, 2)).sum(2))
+    tolerance = 1e-6 if dtype in (torch.float32, torch.float64) else 2e-2
+    return all(
+        got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+        for got, want in zip((out, lse, *grads), expected)
+    )
+
+
+def takes_grouped_heads(kernel, q: torch.Tensor) -> bool:
+    """Can `kernel` be given K/V with fewer heads than `q` (grouped-query attention)? Then the
+    ops skip expanding K/V into a copy at every block call and summing dK/dV back, which on an
+    H200 took a fifth of a 4K-token cuDNN forward call. Probed once per kernel, device type,
+    dtype and head dim."""
+    if not getattr(kernel, "grouped_heads", False):
+        return False
+    key = (kernel.name, q.device.type, q.dtype, q.size(-1))
+    if key not in _GROUPED_HEADS:
+        with torch.no_grad():
+            _GROUPED_HEADS[key] = _grouped_heads_work(kernel, q.device, q.dtype, q.size(-1))
+    return _GROUPED_HEADS[key]
+
+
+def head_expansion(kernel, q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many times the ops repeat each K/V head before a block call of `kernel`: 1 where
+    the kernel takes grouped heads itself."""
+    return 1 if takes_grouped_heads(kernel, q) else q.size(1) // k.size(1)
 
 
 def select_block_kernel(q: torch.Tensor, has_bias: bool):

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, all_gather_rows
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
-from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, select_block_kernel
+from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, head_expansion, select_block_kernel
 from lightning_seqpar.ops._merge import merge_block_
 from lightning_seqpar.ops._pieces import BlockTask, pieces_per_rank, rank_pieces
 
@@ -142,10 +142,10 @@ def allgather_attention_forward(q, k, v, ring: Ring, key_mask, *, causal, scale,
     """Returns the local output (dtype of q) and its lse (`[B, Hq, L_local]`, float32/64; +inf
     on rows that see no key at all, so their backward is zero). `key_mask`: `[B, L]`, global
     order, or None."""
-    groups = q.size(1) // k.size(1)
     acc = accumulation_dtype(q.dtype)
     kv = _gathered_kv(k, v, ring, layout)
     kernel = select_block_kernel(q, key_mask is not None)
+    groups = head_expansion(kernel, q, k)
     # Every row is filled by the first call of its query rows; stored as the kernel stores its
     # outputs, so that fill and the merges stream.
     out = accumulator_like(q, acc, kernel)
@@ -168,11 +168,11 @@ def allgather_attention_forward(q, k, v, ring: Ring, key_mask, *, causal, scale,
 
 
 def allgather_attention_backward(dout, q, k, v, out, lse, ring: Ring, key_mask, *, causal, scale, layout):
-    groups = q.size(1) // k.size(1)
     acc = accumulation_dtype(q.dtype)
     # Gathered again rather than saved: saving it would make activation memory O(L).
     kv = _gathered_kv(k, v, ring, layout)
     kernel = select_block_kernel(q, key_mask is not None)
+    groups = head_expansion(kernel, q, k)
     dq = accumulator_like(q, acc, kernel)
     # Zeros: under a causal mask this rank's queries see no key after its own pieces.
     dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)

@@ -16,7 +16,7 @@ import torch
 from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
-from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, select_block_kernel
+from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, head_expansion, select_block_kernel
 from lightning_seqpar.ops._merge import merge_block_
 from lightning_seqpar.ops._pieces import causal_step_tasks
 
@@ -34,9 +34,9 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
     """Returns the local output (dtype of q) and its lse (`[B, Hq, L_local]`, float32/64;
     +inf on rows that see no key at all, so their backward is zero)."""
     batch, heads, local_len, _ = q.shape
-    groups = heads // k.size(1)
     acc = accumulation_dtype(q.dtype)
     kernel = select_block_kernel(q, masks is not None)
+    groups = head_expansion(kernel, q, k)
     # Filled by the first visit (the rank's own block, one call over all its rows), then merged
     # into. Stored as the kernel stores its outputs, so that copy and the merges stream.
     out = accumulator_like(q, acc, kernel)
@@ -64,9 +64,9 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
 
 def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causal, scale, layout):
     local_len = q.size(2)
-    groups = q.size(1) // k.size(1)
     acc = accumulation_dtype(q.dtype)
     kernel = select_block_kernel(q, masks is not None)
+    groups = head_expansion(kernel, q, k)
     # Filled by the first visit (the rank's own block, one call over all rows), then summed into.
     dq = accumulator_like(q, acc, kernel)
     q_rows, lse_rows, dout_rows, out_rows = backward_rows(kernel, q, lse, dout, out)

@@ -122,3 +122,45 @@ def test_kernels_take_row_views(kernel_name, dtype, causal, masked):
     grads_copies = kernel.backward(dout, q.contiguous(), k.contiguous(), v.contiguous(), *copies, scale=0.25, causal=causal, bias=bias)
     for got, expected in zip((*views, *grads_views), (*copies, *grads_copies)):
         assert torch.equal(got, expected)
+
+
+def test_grouped_heads_probe():
+    """Grouped K/V heads go to a kernel unexpanded only where it was seen to handle them: the
+    CPU flash kernel does on this torch; the math kernel, a kernel that rejects the head
+    mismatch and one that mishandles it are given expanded K/V."""
+    from lightning_seqpar.ops._kernels import KERNELS, MathKernel, head_expansion, takes_grouped_heads
+
+    q, k = torch.zeros(1, 8, 4, 16), torch.zeros(1, 2, 4, 16)
+    assert takes_grouped_heads(KERNELS["cpu_flash"], q) and head_expansion(KERNELS["cpu_flash"], q, k) == 1
+    assert not takes_grouped_heads(KERNELS["math"], q) and head_expansion(KERNELS["math"], q, k) == 4
+
+    class Rejects(MathKernel):
+        name, grouped_heads = "test_rejects", True  # MathKernel's matmul fails on the head mismatch
+
+    class InterleavedGroups(MathKernel):
+        """Exact on equal head counts; given grouped heads, maps query head h to K/V head
+        h % Hkv instead of h // (Hq / Hkv): a grouping that differs from the ops' only when
+        there are several K/V heads."""
+
+        name, grouped_heads = "test_interleaved_groups", True
+
+        @staticmethod
+        def _spread(q, k):
+            return torch.arange(q.size(1)) % k.size(1)
+
+        def forward(self, q, k, v, **kw):
+            idx = self._spread(q, k)
+            return super().forward(q, k[:, idx], v[:, idx], **kw)
+
+        def backward(self, dout, q, k, v, out, lse, **kw):
+            idx = self._spread(q, k)
+            dq, dk, dv = super().backward(dout, q, k[:, idx], v[:, idx], out, lse, **kw)
+            return dq, torch.zeros_like(k).index_add_(1, idx, dk), torch.zeros_like(v).index_add_(1, idx, dv)
+
+    assert not takes_grouped_heads(Rejects(), q)
+    assert not takes_grouped_heads(InterleavedGroups(), torch.zeros(1, 8, 4, 16, dtype=torch.float64))
+    # Its grouping is wrong, not its arithmetic: with one K/V head it would have passed.
+    q1, k1 = torch.randn(1, 2, 4, 16, dtype=torch.float64), torch.randn(1, 1, 4, 16, dtype=torch.float64)
+    grouped = InterleavedGroups().forward(q1, k1, k1, scale=0.25, causal=False, bias=None)[0]
+    expanded = MathKernel().forward(q1, k1.expand_as(q1), k1.expand_as(q1), scale=0.25, causal=False, bias=None)[0]
+    assert torch.equal(grouped, expanded)
