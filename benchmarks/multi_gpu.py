@@ -451,7 +451,9 @@ def context_parallel(run: Run):
                 return ATTENTION_OPS["ring"](*local, causal=causal, layout=layout)
 
             ours_ms = run.max_over(time_ms(lambda: torch.autograd.grad(ours(), local, local_dout), "cuda", a.reps))
-            out = ours().detach()
+            # Stored as the kernels return it ([B, L, H, D] strides, as SDPA's own output is);
+            # all_gather wants it dense.
+            out = ours().detach().contiguous()
             gathered = [torch.empty_like(out) for _ in range(n)]
             dist.all_gather(gathered, out)
             row = dict(causal=causal, tokens_per_gpu=tokens, seq_len=n * tokens, ours_ms=ours_ms,
