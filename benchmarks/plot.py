@@ -61,9 +61,14 @@ def memory_plot():
     fig.savefig(RESULTS / "attention_memory.png", dpi=110)
 
 
+# The 4-GPU weak-scaling rows came from two jobs of the same code (4K and 16K; 8K): both plotted.
+SCALING_FILES = ("multi_gpu_scaling_4gpu.json", "multi_gpu_scaling_4gpu_8k_round2.json")
+
+
 def multi_gpu_plot():
-    scaling = json.loads((RESULTS / "multi_gpu_scaling.json").read_text())
-    capacity = json.loads((RESULTS / "multi_gpu_capacity.json").read_text())
+    runs = [json.loads((RESULTS / name).read_text()) for name in SCALING_FILES]
+    scaling = {**runs[0], "rows": sorted((r for run in runs for r in run["rows"]), key=lambda r: r["tokens_per_gpu"])}
+    capacity = json.loads((RESULTS / "multi_gpu_capacity_4gpu.json").read_text())
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for n in sorted({r["world_size"] for r in scaling["rows"]} - {1}):
         model = [r for r in scaling["rows"] if r["kind"] == "model" and r["world_size"] == n]
