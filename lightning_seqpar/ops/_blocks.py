@@ -54,7 +54,7 @@ def row_view(x: torch.Tensor, rows: slice) -> torch.Tensor:
     return x.narrow(2, rows.start, rows.stop - rows.start)
 
 
-class RowCopies:
+class RowRanges:
     """Row ranges of one tensor of the local rows, as the block kernels take them (`prepare`
     of each range; by default the range itself, as a view): each range is prepared once per
     call of the op, however many blocks use it (under zigzag, every ring step uses one of the
@@ -72,9 +72,9 @@ class RowCopies:
         return self._copies[key]
 
 
-def backward_rows(kernel, q, lse, dout, out) -> tuple[RowCopies, RowCopies, RowCopies, RowCopies]:
+def backward_rows(kernel, q, lse, dout, out) -> tuple[RowRanges, RowRanges, RowRanges, RowRanges]:
     """Row ranges of q, lse, dout and out for `kernel.backward`; dout and out are converted to
     the layout that backward reads once per call, not once per block."""
     dout, out = (forward_output_layout(t.to(q.dtype), kernel) for t in (dout, out))
     kernel_layout = functools.partial(forward_output_layout, kernel=kernel)
-    return RowCopies(q), RowCopies(lse), RowCopies(dout, kernel_layout), RowCopies(out, kernel_layout)
+    return RowRanges(q), RowRanges(lse), RowRanges(dout, kernel_layout), RowRanges(out, kernel_layout)

@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, finish_lse_, key_bias, row_view
+from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, all_gather_rows
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
 from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, head_expansion, select_block_kernel
@@ -150,7 +150,7 @@ def allgather_attention_forward(q, k, v, ring: Ring, key_mask, *, causal, scale,
     # outputs, so that fill and the merges stream.
     out = accumulator_like(q, acc, kernel)
     lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
-    q_rows = RowCopies(q)
+    q_rows = RowRanges(q)
     calls = _calls(ring.rank, ring.size, q.size(2), layout, causal)
     for i, call in enumerate(calls):
         block_out, block_lse = block_forward(

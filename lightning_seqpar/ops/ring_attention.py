@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from lightning_seqpar.ops._blocks import RowCopies, backward_rows, block_forward, finish_lse_, key_bias, row_view
+from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
 from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, head_expansion, select_block_kernel
@@ -41,7 +41,7 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
     # into. Stored as the kernel stores its outputs, so that copy and the merges stream.
     out = accumulator_like(q, acc, kernel)
     lse = torch.empty((batch, heads, local_len), dtype=acc, device=q.device)
-    q_rows = RowCopies(q)
+    q_rows = RowRanges(q)
 
     def visit(owner: int, kv: torch.Tensor) -> None:
         for task in _block_tasks(ring, owner, local_len, layout, causal):
