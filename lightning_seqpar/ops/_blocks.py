@@ -74,7 +74,9 @@ class RowRanges:
 
 def backward_rows(kernel, q, lse, dout, out) -> tuple[RowRanges, RowRanges, RowRanges, RowRanges]:
     """Row ranges of q, lse, dout and out for `kernel.backward`; dout and out are converted to
-    the layout that backward reads once per call, not once per block."""
+    the layout that backward reads, and lse ranges made dense as every kernel wants them, once
+    per call, not once per block."""
     dout, out = (forward_output_layout(t.to(q.dtype), kernel) for t in (dout, out))
     kernel_layout = functools.partial(forward_output_layout, kernel=kernel)
-    return RowRanges(q), RowRanges(lse), RowRanges(dout, kernel_layout), RowRanges(out, kernel_layout)
+    return (RowRanges(q), RowRanges(lse, torch.Tensor.contiguous), RowRanges(dout, kernel_layout),
+            RowRanges(out, kernel_layout))
