@@ -1,18 +1,13 @@
 """Do the cuDNN/flash block calls take row-sliced (strided) K/V, and what do the ring's extra passes cost? (diagnostic)"""
-import sys, statistics
+import sys
 sys.path.insert(0, ".")
 import torch
+from benchmarks.common import time_ms
 from lightning_seqpar.ops._kernels import KERNELS, accumulator_like
 from lightning_seqpar.ops._merge import merge_block_
 
 def gpu_ms(fn, reps=30):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return time_ms(fn, "cuda", reps, warmup=3)
 
 for L in (4096, 8192):
     half = L // 2

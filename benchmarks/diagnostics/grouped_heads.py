@@ -1,18 +1,13 @@
 """Do the fused kernels take grouped K/V heads natively (no expand/reduce copies)? (diagnostic)"""
-import sys, statistics
+import sys
 sys.path.insert(0, ".")
 import torch
+from benchmarks.common import time_ms
 from lightning_seqpar.ops._kernels import KERNELS
 from lightning_seqpar.ops._common import expand_heads, reduce_heads
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 def gpu_ms(fn, reps=20):
-    for _ in range(3): fn()
-    if dev == "cpu": return float("nan")
-    torch.cuda.synchronize(); ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return time_ms(fn, "cuda", reps, warmup=3) if dev == "cuda" else float("nan")
 names = ("cudnn", "flash", "efficient") if dev == "cuda" else ("cpu_flash",)
 L = 4096 if dev == "cuda" else 128
 dt = torch.bfloat16 if dev == "cuda" else torch.float32

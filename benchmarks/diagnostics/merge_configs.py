@@ -1,17 +1,12 @@
 """Merge kernel: time per (BLOCK_M, num_warps) against a same-bytes copy (diagnostic)."""
-import sys, statistics
+import sys
 sys.path.insert(0, ".")
 import torch, triton
+from benchmarks.common import time_ms
 from lightning_seqpar.ops import _merge
-_merge._triton_merge()  # compile
-import triton.language as tl
 def ms(fn, reps=50):
-    for _ in range(5): fn()
-    torch.cuda.synchronize(); ts=[]
-    for _ in range(reps):
-        a,b=torch.cuda.Event(enable_timing=True),torch.cuda.Event(enable_timing=True); a.record(); fn(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b))
-    return statistics.median(ts)*1e3
-kernel = None
+    """Microseconds."""
+    return time_ms(fn, "cuda", reps, warmup=5) * 1e3
 # fetch the jitted kernel from the launcher's closure
 launch = _merge._triton_merge()
 kernel = [c.cell_contents for c in launch.__closure__ if hasattr(c.cell_contents, "run")][0]
