@@ -32,8 +32,8 @@ import torch.distributed as dist
 from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, all_gather_rows
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
-from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, head_expansion, select_block_kernel
-from lightning_seqpar.ops._merge import merge_block_
+from lightning_seqpar.ops._kernels import accumulation_dtype, head_expansion, select_block_kernel
+from lightning_seqpar.ops._merge import MergedOutput, SummedRows
 from lightning_seqpar.ops._pieces import BlockTask, pieces_per_rank, rank_pieces
 
 # torch 2.13 renamed reduce_scatter_tensor (the old name warns); the GPU image's 2.11 lacks the new name.
@@ -112,8 +112,7 @@ def _global_key_mask(mask: torch.Tensor | None, ring: Ring, layout: str) -> torc
 
 def _calls(rank: int, world_size: int, local_len: int, layout: str, causal: bool) -> list[BlockTask]:
     """The kernel calls of this rank's queries: `q` slices local query rows, `k` slices the
-    gathered keys (global order). The calls of one set of query rows are adjacent, and the first
-    of them covers every row (it fills the output, the rest are merged in)."""
+    gathered keys (global order)."""
     if not causal:
         return [BlockTask(slice(0, local_len), slice(0, local_len * world_size), False)]
     pieces = rank_pieces(rank, world_size, layout)
@@ -134,37 +133,25 @@ def _key_rows(x: torch.Tensor, rows: slice, groups: int) -> torch.Tensor:
     return expand_heads(row_view(x, rows), groups)
 
 
-def _first_of_rows(calls: list[BlockTask], i: int) -> bool:
-    return i == 0 or calls[i - 1].q != calls[i].q
-
-
 def allgather_attention_forward(q, k, v, ring: Ring, key_mask, *, causal, scale, layout):
     """Returns the local output (dtype of q) and its lse (`[B, Hq, L_local]`, float32/64; +inf
     on rows that see no key at all, so their backward is zero). `key_mask`: `[B, L]`, global
     order, or None."""
-    acc = accumulation_dtype(q.dtype)
     kv = _gathered_kv(k, v, ring, layout)
     kernel = select_block_kernel(q, key_mask is not None)
     groups = head_expansion(kernel, q, k)
-    # Every row is filled by the first call of its query rows; stored as the kernel stores its
-    # outputs, so that fill and the merges stream.
-    out = accumulator_like(q, acc, kernel)
-    lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
+    merged = MergedOutput(q, kernel)
     q_rows = RowRanges(q)
-    calls = _calls(ring.rank, ring.size, q.size(2), layout, causal)
-    for i, call in enumerate(calls):
+    for call in _calls(ring.rank, ring.size, q.size(2), layout, causal):
         block_out, block_lse = block_forward(
             kernel, q_rows(call.q), _key_rows(kv[0], call.k, groups), _key_rows(kv[1], call.k, groups),
             scale=scale, causal=call.causal, key_mask=None if key_mask is None else key_mask[:, call.k],
         )
-        if _first_of_rows(calls, i):
-            row_view(out, call.q).copy_(block_out)
-            row_view(lse, call.q).copy_(block_lse)
-        else:
-            merge_block_(row_view(out, call.q), row_view(lse, call.q), block_out, block_lse)
+        merged.add(call.q, block_out, block_lse)
     del kv
+    out, lse = merged.result()
     finish_lse_(lse)
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 def allgather_attention_backward(dout, q, k, v, out, lse, ring: Ring, key_mask, *, causal, scale, layout):
@@ -173,29 +160,26 @@ def allgather_attention_backward(dout, q, k, v, out, lse, ring: Ring, key_mask, 
     kv = _gathered_kv(k, v, ring, layout)
     kernel = select_block_kernel(q, key_mask is not None)
     groups = head_expansion(kernel, q, k)
-    dq = accumulator_like(q, acc, kernel)
+    dq = SummedRows(q, kernel)
     # Zeros: under a causal mask this rank's queries see no key after its own pieces.
     dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
     q_rows, lse_rows, dout_rows, out_rows = backward_rows(kernel, q, lse, dout, out)
     calls = _calls(ring.rank, ring.size, q.size(2), layout, causal)
-    for i, call in enumerate(calls):
+    for call in calls:
         call_mask = None if key_mask is None else key_mask[:, call.k]
         dq_b, dk_b, dv_b = kernel.backward(
             dout_rows(call.q), q_rows(call.q), _key_rows(kv[0], call.k, groups), _key_rows(kv[1], call.k, groups),
             out_rows(call.q), lse_rows(call.q),
             scale=scale, causal=call.causal, bias=key_bias(call_mask, q.dtype),
         )
-        if _first_of_rows(calls, i):
-            row_view(dq, call.q).copy_(dq_b)
-        else:
-            row_view(dq, call.q).add_(dq_b)
+        dq.add(call.q, dq_b)
         row_view(dkv[0], call.k).add_(reduce_heads(dk_b, groups))
         row_view(dkv[1], call.k).add_(reduce_heads(dv_b, groups))
     del kv
     # [n, 2, B, Hkv, P, D]: this rank's local pieces, summed over every rank's queries.
     mine = reduce_scatter_grads(_to_rank_major(dkv, ring.size, layout), ring)
     dk, dv = mine.movedim(0, 3).flatten(3, 4)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.result(), dk.to(k.dtype), dv.to(v.dtype)
 
 
 _AllGatherAttention = lse_attention_function(

@@ -1,8 +1,8 @@
 """Ring attention with online softmax: O(L_local) memory per rank.
 
 Each rank keeps its queries; key/value blocks travel around the ring. At every step one fused
-block kernel returns (out_b, lse_b) for the visiting block, and the running (out, lse) absorbs
-it in float32. The backward walks the ring again: each block's gradient is computed from the
+block kernel returns (out_b, lse_b) for the visiting block, and the blocks' results are merged
+in float32 (a few at a time, `_merge.MergedOutput`). The backward walks the ring again: each block's gradient is computed from the
 *global* out and lse, dQ accumulates at home, and dK/dV ride a second ring behind their block
 until they reach their owner. No tensor spans L_local x L.
 """
@@ -16,8 +16,8 @@ import torch
 from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
-from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like, head_expansion, select_block_kernel
-from lightning_seqpar.ops._merge import merge_block_
+from lightning_seqpar.ops._kernels import accumulation_dtype, head_expansion, select_block_kernel
+from lightning_seqpar.ops._merge import MergedOutput, SummedRows
 from lightning_seqpar.ops._pieces import causal_step_tasks
 
 @functools.lru_cache(maxsize=4096)
@@ -33,14 +33,10 @@ def _block_tasks(ring: Ring, owner: int, local_len: int, layout: str, causal: bo
 def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout):
     """Returns the local output (dtype of q) and its lse (`[B, Hq, L_local]`, float32/64;
     +inf on rows that see no key at all, so their backward is zero)."""
-    batch, heads, local_len, _ = q.shape
-    acc = accumulation_dtype(q.dtype)
+    local_len = q.size(2)
     kernel = select_block_kernel(q, masks is not None)
     groups = head_expansion(kernel, q, k)
-    # Filled by the first visit (the rank's own block, one call over all its rows), then merged
-    # into. Stored as the kernel stores its outputs, so that copy and the merges stream.
-    out = accumulator_like(q, acc, kernel)
-    lse = torch.empty((batch, heads, local_len), dtype=acc, device=q.device)
+    merged = MergedOutput(q, kernel)
     q_rows = RowRanges(q)
 
     def visit(owner: int, kv: torch.Tensor) -> None:
@@ -51,15 +47,12 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
                 expand_heads(row_view(kv[1], task.k), groups),
                 scale=scale, causal=task.causal, key_mask=None if masks is None else masks[owner][:, task.k],
             )
-            if owner == ring.rank:
-                out.copy_(block_out)
-                lse.copy_(block_lse)
-            else:
-                merge_block_(row_view(out, task.q), row_view(lse, task.q), block_out, block_lse)
+            merged.add(task.q, block_out, block_lse)
 
     ring_visit(ring, torch.stack([k, v]), visit)
+    out, lse = merged.result()
     finish_lse_(lse)
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causal, scale, layout):
@@ -67,8 +60,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
     acc = accumulation_dtype(q.dtype)
     kernel = select_block_kernel(q, masks is not None)
     groups = head_expansion(kernel, q, k)
-    # Filled by the first visit (the rank's own block, one call over all rows), then summed into.
-    dq = accumulator_like(q, acc, kernel)
+    dq = SummedRows(q, kernel)
     q_rows, lse_rows, dout_rows, out_rows = backward_rows(kernel, q, lse, dout, out)
 
     def zeros() -> torch.Tensor:
@@ -86,14 +78,13 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
                 scale=scale, causal=task.causal, bias=key_bias(key_mask, q.dtype),
             )
             dk_b, dv_b = reduce_heads(dk_b, groups), reduce_heads(dv_b, groups)
+            dq.add(task.q, dq_b)
             if owner == ring.rank:
-                # Nothing has been summed yet, for dq nor for this block's dK/dV: copy, don't add.
-                dq.copy_(dq_b)
+                # Nothing has been summed yet for this block's dK/dV: copy, don't add.
                 dkv = torch.empty((2, *k.shape), dtype=acc, device=k.device)
                 dkv[0].copy_(dk_b)
                 dkv[1].copy_(dv_b)
                 continue
-            row_view(dq, task.q).add_(dq_b)
             if dkv is None:
                 # The other ranks' partials for this block, received while the kernel above ran.
                 dkv = arrived()
@@ -102,7 +93,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
         return dkv
 
     dkv = ring_visit_and_reduce(ring, torch.stack([k, v]), visit, zeros)
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    return dq.result(), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 def _rank_masks(key_padding_mask, ring: Ring, layout: str):
