@@ -6,7 +6,7 @@ import torch
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group
 from lightning_seqpar.ops import ring_attention
 from lightning_seqpar.ops._kernels import KERNELS
-from lightning_seqpar.ops._merge import merge_block_
+from lightning_seqpar.ops._merge import _triton_fold
 from benchmarks.simulated_ring import _simulated_transfer
 
 dev = "cuda"
@@ -31,7 +31,9 @@ print("cudnn fwd call us", cpu_us(lambda: cud.forward(q, k, v, scale=0.1, causal
 print("cudnn bwd call us", cpu_us(lambda: cud.backward(do, q, k, v, o, l, scale=0.1, causal=True, bias=None)))
 print("flash fwd call us", cpu_us(lambda: fl.forward(q, k, v, scale=0.1, causal=True, bias=None)))
 print("raw aten cudnn fwd us", cpu_us(lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=0.1)))
-print("triton merge us", cpu_us(lambda: merge_block_(acc_o, acc_l, o, l)))
+fold = _triton_fold()
+print("triton fold of 1 block us", cpu_us(lambda: fold([(slice(0, 256), o, l)], (acc_o, acc_l), acc_o, acc_l)))
+print("triton fold of 4 blocks us", cpu_us(lambda: fold([(slice(0, 256), o, l)] * 4, (acc_o, acc_l), acc_o, acc_l)))
 print("sim transfer us", cpu_us(lambda: _simulated_transfer(kv)))
 print("empty us", cpu_us(lambda: torch.empty((2, 1, 32, 256, 128), device=dev)))
 print("narrow+contig us", cpu_us(lambda: k.narrow(2, 0, 128).contiguous()))
