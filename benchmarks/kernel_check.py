@@ -69,8 +69,9 @@ def _fold_case(heads_first: bool, dtype, dim: int, local_len: int, row_ranges, r
 
 def check_fold_kernel() -> int:
     failures = 0
+    # Head dims: 8 (tiles of many rows), 80 (columns masked up to 128), 128 (the models' own).
     for heads_first, dtype, dim, local_len, running, weighted in itertools.product(
-            [False, True], [torch.bfloat16, torch.float16, torch.float32], [8, 64, 80, 128], [24, 256],
+            [False, True], [torch.bfloat16, torch.float16, torch.float32], [8, 80, 128], [24, 256],
             [False, True], [True, False]):
         whole, first, second = slice(0, local_len), slice(0, local_len // 2), slice(local_len // 2, local_len)
         for name, row_ranges in [("ring", [whole, second, first, whole]), ("halves", [first, second, second]), ("one", [second])]:
