@@ -118,9 +118,8 @@ def forward_output_layout(x: torch.Tensor, kernel) -> torch.Tensor:
 
 
 def accumulator_like(x: torch.Tensor, dtype: torch.dtype, kernel) -> torch.Tensor:
-    """An uninitialised buffer shaped like `x` for summing or merging `kernel`'s results (the
-    first is copied in): in the kernel's output layout, so each `+=` or merge streams instead
-    of transposing."""
+    """An uninitialised buffer shaped like `x` for summing or merging `kernel`'s results: in
+    the kernel's output layout, so each `+=` or merge streams instead of transposing."""
     if isinstance(kernel, _FusedCudaKernel):
         b, h, length, d = x.shape
         return torch.empty((b, length, h, d), dtype=dtype, device=x.device).transpose(1, 2)

@@ -1,12 +1,13 @@
 """The attention algorithm chosen by chunk length: the all-gather op for short chunks, the ring
 for long ones.
 
-Below a few thousand tokens per rank the ring's cost is its launches: one fused call, one merge
-and one exchange per step, N steps, whatever the chunk length, so it runs at a fraction of the
-GPU's speed. The all-gather op makes one collective and one to four fused calls per rank; its
-transfers are not hidden behind compute and its gathered K/V are O(L) for the length of the
-call, both of which grow with the chunk. The choice depends only on the local length, which
-the input check makes equal on every rank, so every rank of a group takes the same path.
+Below a few thousand tokens per rank the ring's cost is its launches: one fused call and one
+exchange per step (and a fold every four), N steps, whatever the chunk length, so it runs at a
+fraction of the GPU's speed. The all-gather op makes one collective and one to four fused calls
+per rank; its transfers are not hidden behind compute and its gathered K/V are O(L) for the
+length of the call, both of which grow with the chunk. The choice depends only on the local
+length, which the input check makes equal on every rank, so every rank of a group takes the
+same path.
 """
 
 from __future__ import annotations

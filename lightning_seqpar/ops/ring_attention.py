@@ -2,9 +2,10 @@
 
 Each rank keeps its queries; key/value blocks travel around the ring. At every step one fused
 block kernel returns (out_b, lse_b) for the visiting block, and the blocks' results are merged
-in float32 (a few at a time, `_merge.MergedOutput`). The backward walks the ring again: each block's gradient is computed from the
-*global* out and lse, dQ accumulates at home, and dK/dV ride a second ring behind their block
-until they reach their owner. No tensor spans L_local x L.
+in float32 (a few at a time: `_merge.MergedOutput`). The backward walks the ring again: each
+block's gradient is computed from the *global* out and lse, dQ accumulates at home, and dK/dV
+ride a second ring behind their block until they reach their owner. No tensor spans
+L_local x L.
 """
 
 from __future__ import annotations
