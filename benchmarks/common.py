@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.simulated_ring import TRANSFERS, set_transfer
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -25,12 +27,19 @@ def attention_parser(doc: str, world_size: int = 8, heads: int = 32) -> argparse
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", type=Path)
+    add_transfer_argument(parser)
     return parser
+
+
+def add_transfer_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transfer", choices=TRANSFERS, default="memcpy",
+                        help="how a simulated ring transfer copies on CUDA (benchmarks/simulated_ring.py)")
 
 
 def parse_attention_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    set_transfer(args.transfer)
     return args
 
 

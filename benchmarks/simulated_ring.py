@@ -10,6 +10,7 @@ SDPA on the global sequence that such a ring would hold.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 
 import torch
@@ -51,6 +52,66 @@ class _StreamWork:
 
 _COPY_STREAMS: dict = {}
 
+# How a simulated transfer copies on CUDA: "memcpy" (cudaMemcpyAsync, on the copy engine; the
+# default) or "kernel" (a copy kernel of `COPY_PROGRAMS` programs, closer in form to NCCL, whose
+# kernels move data on a few SMs). Neither is NCCL. Measured on an H200 at 8K tokens per rank
+# (benchmarks/results/simulated_transfer_cuda.txt):
+# - memcpy: one ~125 us stall of the compute stream per backward step, ending when the dK/dV
+#   copy ends, with a cuDNN memset just before the stalled kernel: likely the memset waiting
+#   behind the copy on the copy engine, which NCCL's kernels would not cause. 2.2 ms of 56 ms
+#   idle in all.
+# - kernel: 16 programs copy at ~350 GB/s (the memcpy at ~1.7 TB/s), and their blocks
+#   seem to get SMs only between the attention kernels' waves: ring efficiency falls by 0.07-0.32;
+#   19 ms idle.
+# 4 GPUs over NCCL land near the memcpy figures (BENCHMARKS.md, section 7), so it stays the default.
+TRANSFERS = ("memcpy", "kernel")
+_transfer = "memcpy"
+# Programs of the copy kernel: NCCL sends to one peer over a few channels, a CTA each.
+COPY_PROGRAMS = 16
+
+
+def set_transfer(mode: str) -> None:
+    """How simulated transfers copy on CUDA (`TRANSFERS`)."""
+    global _transfer
+    if mode not in TRANSFERS:
+        raise ValueError(f"unknown transfer {mode!r}: use one of {TRANSFERS}")
+    _transfer = mode
+
+
+@functools.cache
+def _kernel_copy():
+    """A copy kernel of `COPY_PROGRAMS` programs, each looping over its share; None without
+    Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+        step = tl.num_programs(0) * BLOCK
+        for start in range(tl.program_id(0) * BLOCK, n, step):
+            offsets = start + tl.arange(0, BLOCK)
+            inside = offsets < n
+            tl.store(dst + offsets, tl.load(src + offsets, mask=inside), mask=inside)
+
+    def copy(send: torch.Tensor) -> torch.Tensor:
+        recv = torch.empty_like(send)
+        words_in, words_out = send.view(-1).view(torch.int32), recv.view(-1).view(torch.int32)
+        copy_kernel[(COPY_PROGRAMS,)](words_in, words_out, words_in.numel(), BLOCK=4096, num_warps=8)
+        return recv
+
+    return copy
+
+
+def _copy(send: torch.Tensor) -> torch.Tensor:
+    if _transfer == "kernel" and send.is_contiguous() and (send.numel() * send.element_size()) % 4 == 0:
+        copy = _kernel_copy()
+        if copy is not None:
+            return copy(send)
+    return send.clone()
+
 
 def _simulated_transfer(send: torch.Tensor):
     """The received block: a copy of `send`. On CUDA the copy runs on a side stream, like
@@ -60,7 +121,7 @@ def _simulated_transfer(send: torch.Tensor):
     stream = _COPY_STREAMS.setdefault(send.device, torch.cuda.Stream(send.device))
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        recv = send.clone()
+        recv = _copy(send)
         event = torch.cuda.Event()
         event.record(stream)
     send.record_stream(stream)
