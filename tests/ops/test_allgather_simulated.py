@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 
+from benchmarks import simulated_ring
 from benchmarks.simulated_ring import allgather_module, check_rank, every_rank_holds_mine
 from lightning_seqpar.ops import _comm, _common
 
@@ -38,3 +39,18 @@ def test_simulation_restores_the_collectives():
         assert allgather_module.all_gather_kv is not originals[2]
         assert allgather_module.reduce_scatter_grads is not originals[3]
     assert (_comm.Ring.exchange, _common.all_gather_rows, allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads) == originals
+
+
+def test_simulated_transfer_modes():
+    """The benchmarks' transfer choice: a wrong name is refused with the choices; either mode
+    hands back an equal copy (on CPU both are a clone), not the tensor that was sent."""
+    with pytest.raises(ValueError, match="memcpy"):
+        simulated_ring.set_transfer("nccl")
+    sent = torch.randn(2, 3, 4)
+    try:
+        for mode in simulated_ring.TRANSFERS:
+            simulated_ring.set_transfer(mode)
+            received, pending = simulated_ring._simulated_transfer(sent)
+            assert received is not sent and torch.equal(received, sent) and pending == []
+    finally:
+        simulated_ring.set_transfer("memcpy")
