@@ -124,9 +124,10 @@ def _triton_fold():
         or None; dest_lse None for a plain sum. `tiles`: (rows per program, warps), to tune."""
         batch, heads, rows, dim = dest_out.shape
         block_d = triton.next_power_of_2(dim)
-        # 32 rows per program, a warp per 32 columns: best or within 2% of the best of every
-        # (rows, warps) in {16..128} x {2, 4, 8} on an H200 for D = 64 and 128 at 4K and 8K rows
-        # (benchmarks/diagnostics/merge_configs.py); 8 warps cost D = 64 at 4K rows 55% more.
+        # 32 rows per program, a warp per 32 columns: the best or within 12% of the best of every
+        # (rows, warps) in {16..128} x {2, 4, 8}, for D = 64 and 128 at 4K and 8K rows, in two
+        # runs on H200s (benchmarks/diagnostics/merge_configs.py; the runs disagree by up to 45%
+        # on single configurations).
         block_m, warps = tiles or (max(32, 2048 // block_d), max(2, min(8, block_d // 32)))
         weighted = dest_lse is not None
         part_args = []
