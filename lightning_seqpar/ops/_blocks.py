@@ -54,6 +54,11 @@ def row_view(x: torch.Tensor, rows: slice) -> torch.Tensor:
     return x.narrow(2, rows.start, rows.stop - rows.start)
 
 
+def all_rows(rows: slice, x: torch.Tensor) -> bool:
+    """Whether `rows` are every row of `x` (its sequence dim, 2)."""
+    return rows.start == 0 and rows.stop == x.size(2)
+
+
 class RowRanges:
     """Row ranges of one tensor of the local rows, as the block kernels take them (`prepare`
     of each range; by default the range itself, as a view): each range is prepared once per
@@ -64,7 +69,7 @@ class RowRanges:
         self.x, self._prepare, self._copies = x, prepare, {}
 
     def __call__(self, rows: slice) -> torch.Tensor:
-        if rows.start == 0 and rows.stop == self.x.size(2):
+        if all_rows(rows, self.x):
             return self.x
         key = (rows.start, rows.stop)
         if key not in self._copies:

@@ -26,7 +26,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from lightning_seqpar.ops._blocks import EMPTY_LSE, row_view
+from lightning_seqpar.ops._blocks import EMPTY_LSE, all_rows, row_view
 from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like
 
 # Block results folded by one kernel launch. More would hold more block outputs in memory for
@@ -225,7 +225,7 @@ class _BlockFold:
         self._parts.append((rows, block, block_lse))
 
     def _result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._running is None and len(self._parts) == 1 and self._covers_all(self._parts[0][0]):
+        if self._running is None and len(self._parts) == 1 and all_rows(self._parts[0][0], self.q):
             return self._parts[0][1].to(self.q.dtype), self._parts[0][2]
         if self._fold is None:
             self._fold_waiting(*self._running_buffers())
@@ -235,9 +235,6 @@ class _BlockFold:
         out, lse = accumulator_like(self.q, self.q.dtype, self.kernel), self._new_lse()
         self._fold_waiting(out, lse)
         return out, lse
-
-    def _covers_all(self, rows: slice) -> bool:
-        return rows.start == 0 and rows.stop == self.q.size(2)
 
     def _new_lse(self) -> torch.Tensor | None:
         return torch.empty(self.q.shape[:3], dtype=self.acc, device=self.q.device) if self.weighted else None
@@ -261,7 +258,7 @@ class _BlockFold:
         parts = self._parts
         if self._running is None:
             rows, block, block_lse = parts[0]
-            if self._covers_all(rows):
+            if all_rows(rows, self.q):
                 # The first block that covers every row is copied, not folded into zeros.
                 dest.copy_(block)
                 if self.weighted:
