@@ -77,6 +77,8 @@ def main():
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--forward-only", action="store_true", help="trace the forward alone")
+    parser.add_argument("--trace-out", type=Path, help="where the Chrome trace goes (default: results/trace_ring_<tokens>.json)")
     add_transfer_argument(parser)
     a = parser.parse_args()
     set_transfer(a.transfer)
@@ -86,7 +88,9 @@ def main():
     grad = torch.randn_like(q)
     with fake_group(0, a.world_size), every_rank_holds_mine():
         def step():
-            torch.autograd.grad(ring_attention(q, k, v, causal=a.causal, layout="zigzag"), (q, k, v), grad)
+            out = ring_attention(q, k, v, causal=a.causal, layout="zigzag")
+            if not a.forward_only:
+                torch.autograd.grad(out, (q, k, v), grad)
 
         for _ in range(3):
             step()
@@ -94,12 +98,13 @@ def main():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-    trace = RESULTS / f"trace_ring_{a.tokens}.json"
+    trace = a.trace_out or RESULTS / f"trace_ring_{a.tokens}.json"
     trace.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(trace))
     summary = overlap_summary(trace)
     print(f"# {card('cuda')} | torch {torch.__version__} | {a.heads} x {a.head_dim} bf16 | N = {a.world_size} | "
-          f"{a.tokens} tokens per rank | {'causal zigzag' if a.causal else 'non-causal'} | forward + backward")
+          f"{a.tokens} tokens per rank | {'causal zigzag' if a.causal else 'non-causal'} | "
+          f"{'forward' if a.forward_only else 'forward + backward'}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     print(f"compute stream busy {summary['compute_stream_us'] / 1e3:.2f} ms of its {summary['compute_span_us'] / 1e3:.2f} ms "
           f"from first kernel to last; transfers {summary['transfer_us'] / 1e3:.2f} ms, "
