@@ -17,6 +17,23 @@ from benchmarks.simulated_ring import TRANSFERS, set_transfer
 
 RESULTS = Path(__file__).parent / "results"
 
+# How `time_ms` times CUDA work:
+# - "isolated": the device is drained before every rep, so each rep also pays the host's time
+#   from the call to its first kernel (an op of many launches pays more of it than one fused call);
+# - "steady": reps are queued back to back and the device is drained once at the end, as in
+#   a training loop where the host runs ahead of the device (torch.utils.benchmark and
+#   triton.testing.do_bench time this way). A rep still shows any time the device waits for
+#   the host: an op whose launches take longer than its kernels is as slow here as in training.
+TIMINGS = ("isolated", "steady")
+_timing = "isolated"
+
+
+def set_timing(mode: str) -> None:
+    global _timing
+    if mode not in TIMINGS:
+        raise ValueError(f"unknown timing {mode!r}: use one of {TIMINGS}")
+    _timing = mode
+
 
 def attention_parser(doc: str, world_size: int = 8, heads: int = 32) -> argparse.ArgumentParser:
     """The arguments every simulated-ring attention benchmark takes."""
@@ -27,6 +44,7 @@ def attention_parser(doc: str, world_size: int = 8, heads: int = 32) -> argparse
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--timing", choices=TIMINGS, default=_timing, help="how CUDA reps are timed (benchmarks/common.py)")
     add_transfer_argument(parser)
     return parser
 
@@ -40,6 +58,7 @@ def parse_attention_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     set_transfer(args.transfer)
+    set_timing(args.timing)
     return args
 
 
@@ -55,6 +74,14 @@ def time_ms(fn, device: str, reps: int, warmup: int = 2) -> float:
         fn()
     if device == "cuda":
         torch.cuda.synchronize()
+        if _timing == "steady":
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+            marks[0].record()
+            for mark in marks[1:]:
+                fn()
+                mark.record()
+            marks[-1].synchronize()
+            return statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
         times = []
         for _ in range(reps):
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
