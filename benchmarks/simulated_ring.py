@@ -113,34 +113,51 @@ def _copy(send: torch.Tensor) -> torch.Tensor:
     return send.clone()
 
 
-def _simulated_transfer(send: torch.Tensor):
-    """The received block: a copy of `send`. On CUDA the copy runs on a side stream, like
-    NCCL's kernels, so it overlaps the block compute exactly where a real transfer could."""
-    if not send.is_cuda:
-        return send.clone(), []
-    stream = _COPY_STREAMS.setdefault(send.device, torch.cuda.Stream(send.device))
+def _simulated_transfers(sends: list[torch.Tensor]):
+    """The received tensors: copies of `sends` (contiguous, as a send takes them), and the
+    pending work. On CUDA the copies run on a side stream, like NCCL's kernels, so they
+    overlap the block compute exactly where a real transfer could."""
+    sends = [send.contiguous() for send in sends]
+    if not sends[0].is_cuda:
+        return [send.clone() for send in sends], []
+    stream = _COPY_STREAMS.setdefault(sends[0].device, torch.cuda.Stream(sends[0].device))
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        recv = _copy(send)
+        recvs = [_copy(send) for send in sends]
         event = torch.cuda.Event()
         event.record(stream)
-    send.record_stream(stream)
-    recv.record_stream(torch.cuda.current_stream())
-    return recv, [_StreamWork(event)]
+    for send, recv in zip(sends, recvs):
+        send.record_stream(stream)
+        recv.record_stream(torch.cuda.current_stream())
+    return recvs, [_StreamWork(event)]
+
+
+def _simulated_transfer(send: torch.Tensor):
+    """One simulated transfer of `send`: what `Ring.exchange` returns."""
+    recvs, pending = _simulated_transfers([send])
+    return recvs[0], pending
 
 
 @contextlib.contextmanager
 def every_rank_holds_mine():
     """Every rank's K/V chunk equals this rank's: ring exchanges return what was sent, and the
     all-gathers (of key padding masks, and of K/V in the all-gather op) return this rank's part
-    once per rank. The all-gather op's reduce-scatter returns the sum of this rank's partials
-    for every rank's chunk: with all chunks equal, that is the gradient of the one chunk they
-    all are, as the ring's simulated gradient walk sums them too (see `check_rank`'s dk)."""
-    originals = (_comm.Ring.exchange, _common.all_gather_rows, allgather_module.all_gather_kv,
+    once per rank. Partial gradients sent home come back to this rank as the parts it sent (with
+    the rows they cover), and the all-gather op's reduce-scatter returns the sum of this rank's
+    partials for every rank's chunk: with all chunks equal, both give the gradient of the one
+    chunk they all are, summed over this rank's visits (see `check_rank`'s dk)."""
+    originals = (_comm.Ring.exchange, _comm.Ring.send_home, _common.all_gather_rows, allgather_module.all_gather_kv,
                  allgather_module.reduce_scatter_grads)
 
     def exchange(self, send, tag):
         return _simulated_transfer(send)
+
+    def send_home(self, step, parts, expected):
+        if not parts:
+            return [], []
+        received, pending = _simulated_transfers([t for _, tensors in parts for t in tensors])
+        received = iter(received)
+        return [(rows, tuple(next(received) for _ in tensors)) for rows, tensors in parts], pending
 
     def gather(local, group):
         return local.unsqueeze(0).expand(dist.get_world_size(group), *local.shape).contiguous()
@@ -151,12 +168,12 @@ def every_rank_holds_mine():
     def reduce_scatter(partials, ring):
         return partials.sum(0)
 
-    (_comm.Ring.exchange, _common.all_gather_rows, allgather_module.all_gather_kv,
-     allgather_module.reduce_scatter_grads) = (exchange, gather, gather_kv, reduce_scatter)
+    (_comm.Ring.exchange, _comm.Ring.send_home, _common.all_gather_rows, allgather_module.all_gather_kv,
+     allgather_module.reduce_scatter_grads) = (exchange, send_home, gather, gather_kv, reduce_scatter)
     try:
         yield
     finally:
-        (_comm.Ring.exchange, _common.all_gather_rows, allgather_module.all_gather_kv,
+        (_comm.Ring.exchange, _comm.Ring.send_home, _common.all_gather_rows, allgather_module.all_gather_kv,
          allgather_module.reduce_scatter_grads) = originals
 
 

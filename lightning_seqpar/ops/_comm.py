@@ -3,10 +3,19 @@ both attention algorithms are built from.
 
 - `ring_visit`: every rank's block visits every rank once; the next block is already in flight
   while the current one is used.
+- `ring_visit_sending_home`: the same walk, and each visit's partial gradients for the
+  visiting block are sent straight to the block's owner, in the kernel's dtype, while the next
+  block computes; the owner sums what arrives. How the ring attention's dK/dV get home.
 - `ring_visit_and_reduce`: the same walk, and each visit adds a partial gradient for the
-  visiting block's owner into the buffer that travels behind the block; it arrives home summed
-  after one more hop. This is how dK/dV reach their owner without an all-reduce of the whole
-  sequence.
+  visiting block's owner into a buffer that travels behind the block; it arrives home summed
+  after one more hop (the paper's RSA, whose partials are float32 sums anyway).
+
+Sending home moves fewer bytes than a travelling sum: a partial goes once, in bf16 where the
+kernel returns bf16, where a travelling float32 sum goes N times at twice the width and is read
+and written in float32 at every hop; the owner sums several partials in one pass
+(`_merge.SummedRows`). The price is the pattern: at step s every rank sends to the rank s
+before it, not to its neighbour, which costs nothing inside one NVLink/NVSwitch domain but
+crosses more node boundaries than a ring when a group spans nodes.
 """
 
 from __future__ import annotations
@@ -40,6 +49,13 @@ class Ring:
         """Group rank whose block this rank holds at `step` of a walk."""
         return (self.rank - step) % self.size
 
+    def visitor(self, step: int) -> int:
+        """Group rank that holds this rank's block at `step` of a walk."""
+        return (self.rank + step) % self.size
+
+    def _global(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group or dist.group.WORLD, group_rank)
+
     def exchange(self, send: torch.Tensor, tag: int) -> tuple[torch.Tensor, list]:
         """Post send of `send` to the next rank and a receive from the previous one; returns the
         receive buffer (valid after `wait`) and the pending requests."""
@@ -49,6 +65,17 @@ class Ring:
             dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag),
         ]
         return recv, dist.batch_isend_irecv(ops)
+
+    def send_home(self, step: int, parts: list, expected: list) -> tuple[list, list]:
+        """Post sends of `parts`, this rank's partial gradients for the block it visited at
+        `step`, to that block's owner, and receives from the rank that visited this rank's
+        block at `step` into `expected`, buffers shaped as what that rank sends. Parts are
+        `(rows, tensors)`, `rows` the owner's local rows they cover. Returns the received parts
+        (valid after `wait`) and the pending requests."""
+        to, source = self._global(self.owner(step)), self._global(self.visitor(step))
+        ops = [dist.P2POp(dist.isend, t.contiguous(), to, self.group, GRAD_TAG) for _, tensors in parts for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, source, self.group, GRAD_TAG) for _, tensors in expected for t in tensors]
+        return expected, dist.batch_isend_irecv(ops) if ops else []
 
 
 def collective_device(group) -> torch.device:
@@ -74,6 +101,47 @@ def ring_visit(ring: Ring, local: torch.Tensor, visit: Callable[[int, torch.Tens
         if not last:
             wait(pending)
             current = incoming
+
+
+def ring_visit_sending_home(
+    ring: Ring,
+    local: torch.Tensor,
+    visit: Callable[[int, torch.Tensor], list],
+    expected: Callable[[int], list],
+    arrived: Callable[[list], None],
+) -> None:
+    """Like `ring_visit`; `visit(owner, block)` returns this rank's partial gradients for the
+    owner's block as parts `(rows, tensors)` (see `Ring.send_home`). The own block's parts go to
+    `arrived(parts)` at once; the others are sent to their owner, and what the other ranks
+    computed for this rank's block (`expected(visitor)`: empty parts shaped as what rank
+    `visitor` sends) goes to `arrived` one step after it was posted, so waiting for it never
+    holds up the block compute queued before the wait."""
+    current, in_flight = local, None
+
+    def land() -> None:
+        received, pending, _sent = in_flight
+        wait(pending)
+        arrived(received)
+
+    for step in range(ring.size):
+        last = step == ring.size - 1
+        if not last:
+            incoming, pending = ring.exchange(current, BLOCK_TAG)
+        owner = ring.owner(step)
+        parts = visit(owner, current)
+        if in_flight is not None:
+            land()
+            in_flight = None
+        if owner == ring.rank:
+            arrived(parts)
+        else:
+            # The sent parts stay referenced until their requests are waited on.
+            in_flight = (*ring.send_home(step, parts, expected(ring.visitor(step))), parts)
+        if not last:
+            wait(pending)
+            current = incoming
+    if in_flight is not None:
+        land()
 
 
 def ring_visit_and_reduce(

@@ -28,6 +28,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def block_grad_dtype(kernel, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of `kernel.backward`'s gradients for inputs of `dtype`: the fused kernels
+    return the inputs' dtype, the math kernel the accumulation dtype it computes in."""
+    return accumulation_dtype(dtype) if isinstance(kernel, MathKernel) else dtype
+
+
 class MathKernel:
     """Plain matmul attention of one block: exact, any device and dtype, O(Lq*Lk) memory."""
 

@@ -3,8 +3,9 @@
 Each rank keeps its queries; key/value blocks travel around the ring. At every step one fused
 block kernel returns (out_b, lse_b) for the visiting block, and the blocks' results are merged
 in float32 (a few at a time: `_merge.MergedOutput`). The backward walks the ring again: each
-block's gradient is computed from the *global* out and lse, dQ accumulates at home, and dK/dV
-ride a second ring behind their block until they reach their owner. No tensor spans
+block's gradient is computed from the *global* out and lse, dQ accumulates at home, and each
+rank's dK/dV partials for the visiting block are sent straight to its owner, which sums them
+a few at a time (`_merge.SummedRows`; `_comm.ring_visit_sending_home`). No tensor spans
 L_local x L.
 """
 
@@ -15,9 +16,9 @@ import functools
 import torch
 
 from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
-from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_and_reduce
+from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_sending_home
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
-from lightning_seqpar.ops._kernels import accumulation_dtype, head_expansion, select_block_kernel
+from lightning_seqpar.ops._kernels import block_grad_dtype, head_expansion, select_block_kernel
 from lightning_seqpar.ops._merge import MergedOutput, SummedRows
 from lightning_seqpar.ops._pieces import causal_step_tasks
 
@@ -58,17 +59,16 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
 
 def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causal, scale, layout):
     local_len = q.size(2)
-    acc = accumulation_dtype(q.dtype)
     kernel = select_block_kernel(q, masks is not None)
     groups = head_expansion(kernel, q, k)
-    dq = SummedRows(q, kernel)
+    # Partials travel in the dtype the kernel returns them in and are summed at home in the
+    # accumulation dtype, as if they had been added there one by one.
+    wire = block_grad_dtype(kernel, q.dtype)
+    dq, dk, dv = SummedRows(q, kernel), SummedRows(k, kernel), SummedRows(v, kernel)
     q_rows, lse_rows, dout_rows, out_rows = backward_rows(kernel, q, lse, dout, out)
 
-    def zeros() -> torch.Tensor:
-        return torch.zeros((2, *k.shape), dtype=acc, device=k.device)
-
-    def visit(owner: int, kv: torch.Tensor, arrived) -> torch.Tensor | None:
-        dkv = None
+    def visit(owner: int, kv: torch.Tensor) -> list:
+        parts = []
         for task in _block_tasks(ring, owner, local_len, layout, causal):
             key_mask = None if masks is None else masks[owner][:, task.k]
             dq_b, dk_b, dv_b = kernel.backward(
@@ -78,23 +78,25 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
                 out_rows(task.q), lse_rows(task.q),
                 scale=scale, causal=task.causal, bias=key_bias(key_mask, q.dtype),
             )
-            dk_b, dv_b = reduce_heads(dk_b, groups), reduce_heads(dv_b, groups)
             dq.add(task.q, dq_b)
-            if owner == ring.rank:
-                # Nothing has been summed yet for this block's dK/dV: copy, don't add.
-                dkv = torch.empty((2, *k.shape), dtype=acc, device=k.device)
-                dkv[0].copy_(dk_b)
-                dkv[1].copy_(dv_b)
-                continue
-            if dkv is None:
-                # The other ranks' partials for this block, received while the kernel above ran.
-                dkv = arrived()
-            row_view(dkv[0], task.k).add_(dk_b)
-            row_view(dkv[1], task.k).add_(dv_b)
-        return dkv
+            parts.append((task.k, (reduce_heads(dk_b, groups).to(wire), reduce_heads(dv_b, groups).to(wire))))
+        return parts
 
-    dkv = ring_visit_and_reduce(ring, torch.stack([k, v]), visit, zeros)
-    return dq.result(), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    def expected(visitor: int) -> list:
+        """Empty parts shaped as the partials that `visitor` computes for this rank's block."""
+        def empty(rows: slice) -> torch.Tensor:
+            return torch.empty((k.size(0), k.size(1), rows.stop - rows.start, k.size(3)), dtype=wire, device=k.device)
+
+        tasks = _step_tasks(visitor, ring.rank, ring.size, local_len, layout, causal)
+        return [(task.k, (empty(task.k), empty(task.k))) for task in tasks]
+
+    def arrived(parts: list) -> None:
+        for rows, (dk_part, dv_part) in parts:
+            dk.add(rows, dk_part)
+            dv.add(rows, dv_part)
+
+    ring_visit_sending_home(ring, torch.stack([k, v]), visit, expected, arrived)
+    return dq.result(), dk.result(), dv.result()
 
 
 def _rank_masks(key_padding_mask, ring: Ring, layout: str):
