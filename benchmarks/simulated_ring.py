@@ -52,10 +52,15 @@ class _StreamWork:
 
 _COPY_STREAMS: dict = {}
 
-# How a simulated transfer copies on CUDA: "memcpy" (cudaMemcpyAsync, on the copy engine; the
-# default) or "kernel" (a copy kernel of `COPY_PROGRAMS` programs, closer in form to NCCL, whose
-# kernels move data on a few SMs). Neither is NCCL. Measured on an H200 at 8K tokens per rank
-# (benchmarks/results/simulated_transfer_cuda.txt):
+# How a simulated transfer copies on CUDA:
+# - "memcpy": cudaMemcpyAsync on a side stream (the copy engine);
+# - "kernel": a copy kernel of `COPY_PROGRAMS` programs on a side stream;
+# - "nccl": a real NCCL send and receive of this process to itself (a one-rank NCCL group),
+#   posted as one coalesced pair as `batch_isend_irecv` posts it: NCCL's own kernels on NCCL's
+#   own stream, and its host-side posting cost. Only the Python of `batch_isend_irecv` around
+#   that call is missing: measured on an H200 host, 31 us per exchange here against 52 us
+#   through `batch_isend_irecv` on a one-rank NCCL world (2026-11-26).
+# Measured on an H200 at 8K tokens per rank (benchmarks/results/simulated_transfer_cuda.txt):
 # - memcpy: one ~125 us stall of the compute stream per backward step, ending when the dK/dV
 #   copy ends, with a cuDNN memset just before the stalled kernel: likely the memset waiting
 #   behind the copy on the copy engine, which NCCL's kernels would not cause. 2.2 ms of 56 ms
@@ -63,8 +68,7 @@ _COPY_STREAMS: dict = {}
 # - kernel: 16 programs copy at ~350 GB/s (the memcpy at ~1.7 TB/s), and their blocks
 #   seem to get SMs only between the attention kernels' waves: ring efficiency falls by 0.07-0.32;
 #   19 ms idle.
-# 4 GPUs over NCCL land near the memcpy figures (BENCHMARKS.md, section 7), so it stays the default.
-TRANSFERS = ("memcpy", "kernel")
+TRANSFERS = ("memcpy", "kernel", "nccl")
 _transfer = "memcpy"
 # Programs of the copy kernel: NCCL sends to one peer over a few channels, a CTA each.
 COPY_PROGRAMS = 16
@@ -113,13 +117,36 @@ def _copy(send: torch.Tensor) -> torch.Tensor:
     return send.clone()
 
 
+@functools.cache
+def _nccl_to_self(device: torch.device):
+    """NCCL's backend for a group of one rank on `device`: sends to itself and receives from
+    itself."""
+    return dist.ProcessGroupNCCL(dist.HashStore(), 0, 1)
+
+
+def _nccl_transfer(sends: list[torch.Tensor]):
+    """`sends` through NCCL to this process: coalesced sends and receives, as one call of
+    `batch_isend_irecv` in the ring posts them; waiting on the returned work makes the current
+    stream wait for NCCL's stream."""
+    nccl = _nccl_to_self(sends[0].device)
+    recvs = [torch.empty_like(send) for send in sends]
+    nccl._start_coalescing()
+    for send, recv in zip(sends, recvs):
+        nccl.send([send], 0, 0)
+        nccl.recv([recv], 0, 0)
+    return recvs, [nccl._end_coalescing()]
+
+
 def _simulated_transfers(sends: list[torch.Tensor]):
     """The received tensors: copies of `sends` (contiguous, as a send takes them), and the
-    pending work. On CUDA the copies run on a side stream, like NCCL's kernels, so they
-    overlap the block compute exactly where a real transfer could."""
+    pending work. On CUDA the copies run on a side stream, like NCCL's kernels (or are NCCL's,
+    in the "nccl" mode), so they overlap the block compute exactly where a real transfer
+    could."""
     sends = [send.contiguous() for send in sends]
     if not sends[0].is_cuda:
         return [send.clone() for send in sends], []
+    if _transfer == "nccl":
+        return _nccl_transfer(sends)
     stream = _COPY_STREAMS.setdefault(sends[0].device, torch.cuda.Stream(sends[0].device))
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -45,10 +45,10 @@ def test_simulation_restores_the_collectives():
 
 
 def test_simulated_transfer_modes():
-    """The benchmarks' transfer choice: a wrong name is refused with the choices; either mode
-    hands back an equal copy (on CPU both are a clone), not the tensor that was sent."""
+    """The benchmarks' transfer choice: a wrong name is refused with the choices; every mode
+    hands back an equal copy (on CPU each is a clone), not the tensor that was sent."""
     with pytest.raises(ValueError, match="memcpy"):
-        simulated_ring.set_transfer("nccl")
+        simulated_ring.set_transfer("rdma")
     sent = torch.randn(2, 3, 4)
     try:
         for mode in simulated_ring.TRANSFERS:
