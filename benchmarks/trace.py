@@ -52,7 +52,7 @@ def _intersection(a, b):
 
 def overlap_summary(trace_path: Path) -> dict:
     events = json.loads(trace_path.read_text())["traceEvents"]
-    # Device-side work: kernels, and copies (a simulated transfer is a copy kernel or a memcpy).
+    # Device-side work: kernels, and copies (a simulated transfer is NCCL's kernel, a copy kernel or a memcpy).
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy") and "dur" in e]
     by_stream: dict[int, list] = {}
     for e in kernels:

@@ -56,4 +56,4 @@ def test_simulated_transfer_modes():
             received, pending = simulated_ring._simulated_transfer(sent)
             assert received is not sent and torch.equal(received, sent) and pending == []
     finally:
-        simulated_ring.set_transfer("memcpy")
+        simulated_ring.set_transfer(simulated_ring.DEFAULT_TRANSFER)
