@@ -51,6 +51,18 @@ def attention_parser(doc: str, world_size: int = 8, heads: int = 32) -> argparse
     return parser
 
 
+def one_shape_parser(doc: str, tokens: int, head_dim: int) -> argparse.ArgumentParser:
+    """The arguments of a script that runs one simulated ring rank on one shape (CUDA only)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=tokens, help="tokens per rank")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=head_dim)
+    parser.add_argument("--causal", action="store_true", help="causal zigzag (default: non-causal)")
+    add_transfer_argument(parser)
+    return parser
+
+
 def add_transfer_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer", choices=TRANSFERS, default=DEFAULT_TRANSFER,
                         help="how a simulated ring transfer copies on CUDA (benchmarks/simulated_ring.py)")

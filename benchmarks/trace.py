@@ -14,7 +14,6 @@ benchmarks/results/trace_<device>.json (the summary).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, add_transfer_argument, card, write_result  # noqa: E402
+from benchmarks.common import RESULTS, card, one_shape_parser, write_result  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group, set_transfer  # noqa: E402
 from lightning_seqpar.ops import ring_attention  # noqa: E402
 
@@ -71,15 +70,9 @@ def overlap_summary(trace_path: Path) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--causal", action="store_true")
+    parser = one_shape_parser(__doc__, tokens=8192, head_dim=128)
     parser.add_argument("--forward-only", action="store_true", help="trace the forward alone")
     parser.add_argument("--trace-out", type=Path, help="where the Chrome trace goes (default: results/trace_ring_<tokens>.json)")
-    add_transfer_argument(parser)
     a = parser.parse_args()
     set_transfer(a.transfer)
     if not torch.cuda.is_available():

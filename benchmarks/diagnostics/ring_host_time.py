@@ -10,7 +10,6 @@ the host between kernels and the ring's timings move with the lent host's CPU.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
@@ -22,22 +21,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import add_transfer_argument  # noqa: E402
+from benchmarks.common import one_shape_parser  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group, set_transfer  # noqa: E402
 from lightning_seqpar.ops import ring_attention  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--causal", action="store_true")
+    parser = one_shape_parser(__doc__, tokens=4096, head_dim=64)
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--lines", type=int, default=30, help="cProfile lines to print")
-    add_transfer_argument(parser)
     a = parser.parse_args()
     set_transfer(a.transfer)
     if not torch.cuda.is_available():

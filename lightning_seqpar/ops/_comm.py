@@ -42,8 +42,8 @@ class Ring:
         else:
             self.size, self.rank = 1, 0
         if self.size > 1:
-            self.next_peer = dist.get_global_rank(group or dist.group.WORLD, (self.rank + 1) % self.size)
-            self.prev_peer = dist.get_global_rank(group or dist.group.WORLD, (self.rank - 1) % self.size)
+            self.next_peer = self._global((self.rank + 1) % self.size)
+            self.prev_peer = self._global((self.rank - 1) % self.size)
 
     def owner(self, step: int) -> int:
         """Group rank whose block this rank holds at `step` of a walk."""
@@ -54,6 +54,7 @@ class Ring:
         return (self.rank + step) % self.size
 
     def _global(self, group_rank: int) -> int:
+        """The global rank of `group_rank` of this ring's group (what point-to-point ops take)."""
         return dist.get_global_rank(self.group or dist.group.WORLD, group_rank)
 
     def exchange(self, send: torch.Tensor, tag: int) -> tuple[torch.Tensor, list]:
