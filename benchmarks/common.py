@@ -24,8 +24,8 @@ RESULTS = Path(__file__).parent / "results"
 #   a training loop where the host runs ahead of the device (torch.utils.benchmark and
 #   triton.testing.do_bench time this way). A rep still shows any time the device waits for
 #   the host: an op whose launches take longer than its kernels is as slow here as in training.
-# Steady is the default, as the way a training step runs the op. The two differ only where the
-# op is host-bound (BENCHMARKS.md, section 1 has both side by side).
+# Steady is the default, as the way a training step runs the op. On an H200 isolated reps of the
+# ring read up to 0.08 lower, and host-bound rows move either way (BENCHMARKS.md, section 1).
 TIMINGS = ("isolated", "steady")
 _timing = "steady"
 
