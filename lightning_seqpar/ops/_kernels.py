@@ -279,8 +279,8 @@ def _grouped_heads_work(kernel, device: torch.device, dtype: torch.dtype, head_d
 def takes_grouped_heads(kernel, q: torch.Tensor) -> bool:
     """Can `kernel` be given K/V with fewer heads than `q` (grouped-query attention)? Then the
     ops skip expanding K/V into a copy at every block call and summing dK/dV back, which on an
-    H200 added 15-22% to a 4K-token cuDNN forward call (32 query / 8 K/V heads). Probed once per kernel, device type,
-    dtype and head dim."""
+    H200 added 15-22% to a 4K-token cuDNN forward call (32 query / 8 K/V heads). Probed once
+    per kernel, device type, dtype and head dim."""
     if not getattr(kernel, "grouped_heads", False):
         return False
     key = (kernel.name, q.device.type, q.dtype, q.size(-1))

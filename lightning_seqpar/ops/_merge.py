@@ -1,5 +1,6 @@
 """Tensors of an op's local rows built from several block calls: the output, merged by the
-online softmax from the blocks' (out, lse), and dQ, summed from the blocks' dQ.
+online softmax from the blocks' (out, lse), and gradients summed from the blocks' partials (dQ
+at home; in the ring, dK/dV at their owner).
 
     out = sum_i exp(lse_i - lse) * out_i,     lse = log(sum_i exp(lse_i))
 
@@ -202,8 +203,8 @@ def _fused_fold(q: torch.Tensor):
 
 
 class _BlockFold:
-    """A tensor shaped like the local rows of `q`, built from block results that each cover a
-    range of those rows: merged by their lse (`weighted`) or summed. Up to `PARTS_PER_FOLD`
+    """A tensor shaped like the local rows of `q` (named for the queries; the ring passes k or v
+    to build their gradients), built from block results that each cover a range of those rows: merged by their lse (`weighted`) or summed. Up to `PARTS_PER_FOLD`
     blocks wait for one fused fold on CUDA; eagerly, one waits (a call of one block returns it
     as it is) and the rest are merged or added as they come, in the accumulation dtype."""
 
@@ -299,8 +300,10 @@ class MergedOutput(_BlockFold):
 
 
 class SummedRows(_BlockFold):
-    """dQ of one op call from its blocks' dQ: `add(query_rows, block_dq)`, then `result()` is
-    the sum in q's dtype, accumulated in the accumulation dtype; rows no block covered are 0."""
+    """A gradient of one op call from its blocks' partials (dQ from each block's dQ; the ring's
+    dK/dV from every rank's partials for the local block): `add(rows, partial)`, then
+    `result()` is the sum in the dtype of the tensor it was built for, accumulated in the
+    accumulation dtype; rows no block covered are 0."""
 
     weighted = False
 
