@@ -56,10 +56,9 @@ _COPY_STREAMS: dict = {}
 # - "memcpy": cudaMemcpyAsync on a side stream (the copy engine);
 # - "kernel": a copy kernel of `COPY_PROGRAMS` programs on a side stream;
 # - "nccl": a real NCCL send and receive of this process to itself (a one-rank NCCL group),
-#   posted as one coalesced pair as `batch_isend_irecv` posts it: NCCL's own kernels on NCCL's
-#   own stream, and its host-side posting cost. Only the Python of `batch_isend_irecv` around
-#   that call is missing: measured on an H200 host, 31 us per exchange here against 52 us
-#   through `batch_isend_irecv` on a one-rank NCCL world (2026-11-26).
+#   posted as one coalesced pair as `Ring._post` posts it: NCCL's own kernels on NCCL's own
+#   stream, and its host-side posting cost (31 us per exchange on an H200 host, against 52 us
+#   through `batch_isend_irecv`, which the ring used until 2026-11-26).
 # Measured on an H200 at 8K tokens per rank (benchmarks/results/simulated_transfer_cuda.txt):
 # - memcpy: one ~125 us stall of the compute stream per backward step, ending when the dK/dV
 #   copy ends, with a cuDNN memset just before the stalled kernel: likely the memset waiting
@@ -130,7 +129,7 @@ def _nccl_to_self(device: torch.device):
 
 def _nccl_transfer(sends: list[torch.Tensor]):
     """`sends` through NCCL to this process: coalesced sends and receives, as one call of
-    `batch_isend_irecv` in the ring posts them; waiting on the returned work makes the current
+    `Ring._post` in the ring posts them; waiting on the returned work makes the current
     stream wait for NCCL's stream."""
     nccl = _nccl_to_self(sends[0].device)
     recvs = [torch.empty_like(send) for send in sends]

@@ -1,12 +1,15 @@
-"""The ring walk that sends partial gradients home, on gloo with 1-4 ranks: every rank's parts
-for a block reach that block's owner, with the rows they cover, once, and nothing else does."""
+"""The ring walks on gloo with 1-4 ranks: every rank's parts for a block reach that block's
+owner, with the rows they cover, once, and nothing else does; inside a subgroup whose ranks
+are not the world's, blocks and parts go to group neighbours and owners, not to world ranks of
+the same number."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from lightning_seqpar.ops._comm import Ring, ring_visit_sending_home
+from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_sending_home
 
 
 def parts_plan(visitor: int, owner: int) -> list[slice]:
@@ -18,8 +21,17 @@ def parts_plan(visitor: int, owner: int) -> list[slice]:
     return [[], [slice(2, 6)], [slice(0, 2), slice(3, 5)]][kind]
 
 
-def walk() -> list:
-    ring = Ring()
+def my_group(subgroups: list[list[int]] | None):
+    """None (the world), or the one of `subgroups` (every rank creates all, in order) that holds
+    this rank."""
+    if subgroups is None:
+        return None
+    groups = [dist.new_group(ranks, backend="gloo") for ranks in subgroups]
+    return next(g for g, ranks in zip(groups, subgroups) if dist.get_rank() in ranks)
+
+
+def walk(subgroups: list[list[int]] | None = None) -> list:
+    ring = Ring(my_group(subgroups))
     received = []
 
     def visit(owner: int, block: torch.Tensor) -> list:
@@ -38,15 +50,47 @@ def walk() -> list:
     return received
 
 
+def want_received(owner: int, world_size: int) -> list:
+    """What `walk` returns on group rank `owner`: the own block's parts first, then what the
+    visitors of steps 1, 2, ... computed."""
+    return [((rows.start, rows.stop), [100.0 * visitor + owner] * (rows.stop - rows.start), [float(owner)] * (rows.stop - rows.start))
+            for step in range(world_size) for visitor in [(owner + step) % world_size]
+            for rows in parts_plan(visitor, owner)]
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_partials_reach_their_owner_with_their_rows(process_pools, world_size):
     results = process_pools(world_size).run_ok(walk)
     for owner, received in enumerate(results):
-        # The own block's parts first, then what the visitors of steps 1, 2, ... computed.
-        want = [((rows.start, rows.stop), [100.0 * visitor + owner] * (rows.stop - rows.start), [float(owner)] * (rows.stop - rows.start))
-                for step in range(world_size) for visitor in [(owner + step) % world_size]
-                for rows in parts_plan(visitor, owner)]
-        assert received == want
+        assert received == want_received(owner, world_size)
+
+
+def visit_order(subgroups: list[list[int]]) -> tuple[int, list]:
+    """This rank's group rank and the blocks it saw, by owner, in a walk of its group's ring."""
+    ring = Ring(my_group(subgroups))
+    seen = []
+    ring_visit(ring, torch.full((3,), 10.0 * dist.get_rank()), lambda owner, block: seen.append((owner, block.tolist())))
+    return ring.rank, seen
+
+
+# Group ranks (the order of the listed world ranks) differ from world ranks in every group of
+# more than one rank, and no group of 4 ranks is a block of consecutive world ranks.
+SUBGROUPS = {3: [[0], [1, 2]], 4: [[0, 2], [1, 3]]}
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_walks_stay_inside_a_subgroup_in_its_rank_order(process_pools, world_size):
+    subgroups = SUBGROUPS[world_size]
+    pool = process_pools(world_size)
+    for world_rank, (group_rank, seen) in enumerate(pool.run_ok(visit_order, subgroups)):
+        members = next(ranks for ranks in subgroups if world_rank in ranks)
+        assert members[group_rank] == world_rank
+        steps = range(len(members))
+        owners = [(group_rank - s) % len(members) for s in steps]
+        assert seen == [(o, [10.0 * members[o]] * 3) for o in owners]
+    for world_rank, received in enumerate(pool.run_ok(walk, subgroups)):
+        members = next(ranks for ranks in subgroups if world_rank in ranks)
+        assert received == want_received(members.index(world_rank), len(members))
 
 
 def test_owner_and_visitor_are_inverse_steps():
