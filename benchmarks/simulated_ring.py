@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lightning_seqpar.layout import shard_sequence, unshard_sequence
 from lightning_seqpar.ops import ATTENTION_OPS, set_input_checks
-from lightning_seqpar.ops import _comm, _common
+from lightning_seqpar.ops import _comm, _common, _graphs
 
 # The package exports the op under its module's name, which hides the module: fetch it by path.
 allgather_module = importlib.import_module("lightning_seqpar.ops.allgather_attention")
@@ -200,11 +200,17 @@ def every_rank_holds_mine():
 
     (_comm.Ring.exchange, _comm.Ring.send_home, _common.all_gather_rows, allgather_module.all_gather_kv,
      allgather_module.reduce_scatter_grads) = (exchange, send_home, gather, gather_kv, reduce_scatter)
+    # Through NCCL the simulated transfers are capturable, as the ring's are.
+    capturable = _transfer == "nccl"
+    if capturable:
+        _graphs.CAPTURABLE_BACKENDS.add("fake")
     try:
         yield
     finally:
         (_comm.Ring.exchange, _comm.Ring.send_home, _common.all_gather_rows, allgather_module.all_gather_kv,
          allgather_module.reduce_scatter_grads) = originals
+        if capturable:
+            _graphs.CAPTURABLE_BACKENDS.discard("fake")
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -223,11 +229,20 @@ def dense_attention_mask(key_mask: torch.Tensor | None, seq_len: int, causal: bo
     return attn_mask
 
 
+@contextlib.contextmanager
+def simulated_rank(rank: int, world_size: int):
+    """Rank `rank` of a ring of `world_size` in which every rank holds this rank's chunk."""
+    with fake_group(rank, world_size), every_rank_holds_mine():
+        yield
+
+
 def check_rank(algo, rank, world_size, *, batch, hq, hkv, local_len, dim, causal, layout, dtype, device, masked=False, seed=0,
-               reference_dtype=torch.float64):
+               reference_dtype=torch.float64, simulated=True):
     """Relative errors (out, dq, dk, dv) of one simulated rank against SDPA on the global
     sequence in which every rank's K/V chunk equals this rank's. The reference runs in
-    `reference_dtype` (float32 on CUDA reaches long sequences through the O(L) kernels)."""
+    `reference_dtype` (float32 on CUDA reaches long sequences through the O(L) kernels).
+    `simulated=False`: the caller holds `simulated_rank(rank, world_size)` already (several
+    calls in one process group, as CUDA graphs need)."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(heads):
@@ -239,7 +254,7 @@ def check_rank(algo, rank, world_size, *, batch, hq, hkv, local_len, dim, causal
         mask = torch.ones(batch, local_len, dtype=torch.bool, device=device)
         mask[0, local_len // 3 :] = False
     local = [t.clone().requires_grad_() for t in (q, k, v)]
-    with fake_group(rank, world_size), every_rank_holds_mine():
+    with simulated_rank(rank, world_size) if simulated else contextlib.nullcontext():
         out = ATTENTION_OPS[algo](*local, causal=causal, layout=layout, key_padding_mask=mask)
         out.backward(dout)
 

@@ -5,6 +5,7 @@ Every op takes the local shards in SDPA layout, `q: [B, Hq, L_local, D]`,
 """
 
 from lightning_seqpar.ops._checks import set_input_checks
+from lightning_seqpar.ops._graphs import captured_signatures, clear_cuda_graphs, set_cuda_graphs
 from lightning_seqpar.ops._kernels import KERNELS, set_block_kernel
 from lightning_seqpar.ops.allgather_attention import allgather_attention
 from lightning_seqpar.ops.auto_attention import auto_attention, set_allgather_below
@@ -23,9 +24,12 @@ __all__ = [
     "KERNELS",
     "allgather_attention",
     "auto_attention",
+    "captured_signatures",
+    "clear_cuda_graphs",
     "ring_attention",
     "ring_self_attention",
     "set_allgather_below",
     "set_block_kernel",
+    "set_cuda_graphs",
     "set_input_checks",
 ]

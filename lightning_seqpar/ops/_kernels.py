@@ -240,6 +240,11 @@ def set_block_kernel(name: str | None) -> None:
     _OVERRIDE = name
 
 
+def block_kernel_override() -> str | None:
+    """The kernel `set_block_kernel` forces, if any."""
+    return _OVERRIDE
+
+
 def _cudnn_usable(q) -> bool:
     if not hasattr(aten, "_scaled_dot_product_cudnn_attention"):
         return False

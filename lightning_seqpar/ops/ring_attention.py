@@ -18,6 +18,7 @@ import torch
 from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_sending_home
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
+from lightning_seqpar.ops._graphs import graphed
 from lightning_seqpar.ops._kernels import block_grad_dtype, head_expansion, select_block_kernel
 from lightning_seqpar.ops._merge import MergedOutput, SummedRows
 from lightning_seqpar.ops._pieces import causal_step_tasks
@@ -103,7 +104,7 @@ def _rank_masks(key_padding_mask, ring: Ring, layout: str):
     return gather_key_padding_masks(key_padding_mask, ring)
 
 
-_RingAttention = lse_attention_function("_RingAttention", _rank_masks, ring_attention_forward, ring_attention_backward)
+_RingAttention = lse_attention_function("_RingAttention", _rank_masks, graphed(ring_attention_forward), graphed(ring_attention_backward))
 
 
 def ring_attention(

@@ -1,0 +1,141 @@
+"""CUDA graphs for an op's passes: the host out of the ring's loop where chunks are short.
+
+At a few thousand tokens per rank a ring step runs for 100-200 us on an H100/H200, about what
+the host needs to post it (a cuDNN call of 50-130 us of CPU, an NCCL send/receive pair, a fold
+launch every four steps). The device then waits on the host between kernels: on an H200 a
+simulated ring of 8 at 4K tokens, causal, D = 64 reached 0.42 of one fused call's speed in the
+forward eagerly and 0.82 replayed from a graph (`benchmarks/diagnostics/ring_graph_capture.py`),
+and on 4 H200s over NCCL the same ring's forward+backward went from 0.51-0.59 to 0.92. Where the
+device is the bottleneck (longer chunks, larger heads) a replay gains nothing and its
+copies cost a few percent, so graphs are off by default: `set_cuda_graphs(True)`, or
+`SeqParStrategy(cuda_graphs=True)`.
+
+How: the first call of a signature (shapes, strides, dtypes, the op's settings and its process
+group) runs eagerly, which makes NCCL connect the peers that signature uses and builds cuDNN's
+plans and Triton's kernels; the second captures the pass on copies of its inputs and replays
+it; later calls copy their inputs into the graph's, replay, and copy the outputs out. Every rank
+of a group makes the same calls in the same order, so their graphs capture and replay together,
+and a graph's NCCL operations meet their peers' as the eager ones would. Calls that can't be
+captured run eagerly: off CUDA, with a key padding mask, a backend other than NCCL on a group of
+several ranks, or inside another capture.
+
+Each signature keeps its graph's memory (the pass's temporaries, its input copies and outputs)
+until `clear_cuda_graphs()`; every layer of a model shares one graph per pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from lightning_seqpar.ops._kernels import block_kernel_override
+
+_ENABLED = False
+# Backends whose operations a CUDA graph can capture. The benchmarks' simulated ring adds its
+# fake group's, whose transfers are then NCCL's.
+CAPTURABLE_BACKENDS = {dist.Backend.NCCL}
+
+
+def set_cuda_graphs(enabled: bool) -> None:
+    """Replay the ring's forward and backward from CUDA graphs where they can be (see the
+    module's docstring); False (the default) runs every call eagerly."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def cuda_graphs_enabled() -> bool:
+    return _ENABLED
+
+
+class _Captured:
+    """One pass captured on `inputs`, copies of the first inputs it saw: replaying computes it
+    on whatever was copied into them and writes `outputs`."""
+
+    def __init__(self, fn: Callable, tensors: list[torch.Tensor], group) -> None:
+        self.inputs = [t.clone() for t in tensors]
+        self.group = group  # held, so that its id is not reused by a later group while cached
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (NCCL's watchdog, the data loader's pinning) keep calling
+        # into CUDA while this one captures.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        for buffer, tensor in zip(self.inputs, tensors):
+            buffer.copy_(tensor)
+        self.graph.replay()
+        # The next replay overwrites the outputs: the caller gets its own.
+        return tuple(out.clone() for out in self.outputs)
+
+
+class _Seen:
+    """A signature called once, eagerly: the next call captures it."""
+
+    def __init__(self, group) -> None:
+        self.group = group  # held for the same reason as a capture's
+
+
+_CACHE: dict[tuple, _Seen | _Captured] = {}
+
+
+def clear_cuda_graphs() -> None:
+    """Drop every captured graph and its memory (a new process group, or graphs no longer
+    wanted): the next calls run eagerly and capture again."""
+    _CACHE.clear()
+
+
+def captured_signatures() -> int:
+    """How many signatures hold a captured graph."""
+    return sum(isinstance(entry, _Captured) for entry in _CACHE.values())
+
+
+def _capturable(tensors: list[torch.Tensor], ring, masks) -> bool:
+    if not (_ENABLED and tensors[0].is_cuda and masks is None):
+        return False
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return False
+    return ring.size == 1 or dist.get_backend(ring.group) in CAPTURABLE_BACKENDS
+
+
+def _group(ring):
+    """The process group a ring's graph talks on (None for a ring of one rank, which doesn't)."""
+    return None if ring.size == 1 else (ring.group or dist.group.WORLD)
+
+
+def _pass(fn: Callable, ring, options: dict, *tensors: torch.Tensor):
+    return fn(*tensors, ring, None, **options)
+
+
+def graphed(fn: Callable) -> Callable:
+    """`fn(*tensors, ring, masks, **options)` (a pass of an op: tensors in, a tuple of tensors
+    out), replayed from a CUDA graph per signature where it can be."""
+
+    @functools.wraps(fn)
+    def run(*args, **options):
+        *tensors, ring, masks = args
+        if not _capturable(tensors, ring, masks):
+            return fn(*args, **options)
+        group = _group(ring)
+        # Everything the pass's work depends on: its inputs' layout, its group and place in it,
+        # its options, and the one global setting that changes its kernels.
+        key = (fn.__qualname__, tensors[0].device, tuple((t.shape, t.stride(), t.dtype) for t in tensors),
+               id(group), ring.rank, ring.size, tuple(sorted(options.items())), block_kernel_override())
+        entry = _CACHE.get(key)
+        if entry is None:
+            _CACHE[key] = _Seen(group)
+            return fn(*args, **options)
+        if isinstance(entry, _Seen):
+            try:
+                entry = _Captured(functools.partial(_pass, fn, ring, options), tensors, group)
+            except Exception as error:
+                raise RuntimeError(
+                    f"capturing {fn.__qualname__} in a CUDA graph failed ({error}); run it eagerly with "
+                    f"lightning_seqpar.ops.set_cuda_graphs(False) or SeqParStrategy(cuda_graphs=False)"
+                ) from error
+            _CACHE[key] = entry
+        return entry(tensors)
+
+    return run

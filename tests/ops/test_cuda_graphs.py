@@ -1,0 +1,145 @@
+"""The ring replayed from CUDA graphs (`set_cuda_graphs`).
+
+On CPU (here and in CI): the setting leaves every call eager, with results bit for bit those of
+the eager ring on gloo, 2 and 4 ranks, and nothing captured. The signature bookkeeping is
+checked with the capture itself stubbed out.
+
+On a CUDA machine: one simulated rank of a ring of 4 (NCCL transfers to itself, the benchmarks'
+harness) makes five calls with fresh inputs each (eager, capture + replay, three replays);
+every call's output and dQ/dK/dV must match SDPA on the whole sequence (float64 reference;
+relative Frobenius error <= 1e-5 in float32, 2e-2 in bfloat16), and exactly one graph per pass
+must exist. Run with `python -m pytest tests/ops/test_cuda_graphs.py` on the GPU machine; CI
+has none, so those cases skip there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_seqpar.layout import shard_sequence
+from lightning_seqpar.ops import _graphs, captured_signatures, clear_cuda_graphs, ring_attention, set_cuda_graphs
+from lightning_seqpar.ops._comm import Ring
+
+
+@pytest.fixture
+def graphs_on():
+    set_cuda_graphs(True)
+    clear_cuda_graphs()
+    try:
+        yield
+    finally:
+        set_cuda_graphs(False)
+        clear_cuda_graphs()
+
+
+def ring_calls(graphs: bool, causal: bool) -> tuple[list[list[torch.Tensor]], int]:
+    """Three calls of the ring (forward and backward) on fresh inputs, with graphs on or off;
+    returns what each gave and how many signatures were captured."""
+    set_cuda_graphs(graphs)
+    clear_cuda_graphs()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    try:
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            whole = [torch.randn(2, 4, 6 * world, 8, generator=gen) for _ in range(4)]
+            q, k, v, dout = (shard_sequence(t, 2, rank, world, "zigzag") for t in whole)
+            q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+            out = ring_attention(q, k, v, causal=causal, layout="zigzag")
+            out.backward(dout)
+            results.append([out.detach(), q.grad, k.grad, v.grad])
+        return results, captured_signatures()
+    finally:
+        set_cuda_graphs(False)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_off_cuda_the_setting_leaves_the_ring_eager(process_pools, world_size, causal):
+    pool = process_pools(world_size)
+    eager = pool.run_ok(ring_calls, False, causal)
+    graphed = pool.run_ok(ring_calls, True, causal)
+    for (want, _), (got, captured) in zip(eager, graphed):
+        assert captured == 0
+        for want_call, got_call in zip(want, got):
+            for w, g in zip(want_call, got_call):
+                assert torch.equal(w, g)
+
+
+class FakeCapture:
+    """Stands in for `_Captured` on CPU: records captures, and replays by calling the pass."""
+
+    made: list = []
+
+    def __init__(self, fn, tensors, group):
+        self.fn, self.group = fn, group
+        FakeCapture.made.append(self)
+
+    def __call__(self, tensors):
+        return self.fn(*tensors)
+
+
+def test_signatures_capture_on_the_second_call_and_tell_shapes_options_and_kernel_apart(monkeypatch, graphs_on):
+    calls = []
+
+    def fake_pass(x, y, ring, masks, *, causal):
+        calls.append((x.shape, causal))
+        return (x + y,)
+
+    monkeypatch.setattr(_graphs, "_capturable", lambda tensors, ring, masks: True)
+    monkeypatch.setattr(_graphs, "_Captured", FakeCapture)
+    FakeCapture.made = []
+    run = _graphs.graphed(fake_pass)
+    ring = Ring()
+    a, b = torch.ones(2, 3), torch.ones(4, 3)
+    for _ in range(3):
+        assert torch.equal(run(a, a, ring, None, causal=True)[0], a + a)
+    assert len(FakeCapture.made) == 1  # eager, then captured once, then replayed
+    run(b, b, ring, None, causal=True)  # another shape: eager
+    run(a, a, ring, None, causal=False)  # another option: eager
+    run(a.t().contiguous().t(), a, ring, None, causal=True)  # other strides: eager
+    assert len(FakeCapture.made) == 1
+    import lightning_seqpar.ops._kernels as kernels
+    monkeypatch.setattr(kernels, "_OVERRIDE", "math")
+    run(a, a, ring, None, causal=True)  # another block kernel forced: eager
+    run(a, a, ring, None, causal=True)
+    assert len(FakeCapture.made) == 2
+    assert captured_signatures() == 2
+    clear_cuda_graphs()
+    assert captured_signatures() == 0
+    assert len(calls) == 3 + 3 + 2  # every call reached the pass (the fake replays call it)
+
+
+def test_a_failed_capture_names_the_way_back_to_eager(monkeypatch, graphs_on):
+    def broken(*tensors):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_graphs, "_capturable", lambda tensors, ring, masks: True)
+    monkeypatch.setattr(_graphs, "_Captured", lambda fn, tensors, group: broken())
+    run = _graphs.graphed(lambda x, ring, masks: (x,))
+    x = torch.ones(2)
+    run(x, Ring(), None)
+    with pytest.raises(RuntimeError, match=r"set_cuda_graphs\(False\) or SeqParStrategy\(cuda_graphs=False\)"):
+        run(x, Ring(), None)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the GPU machine)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_replays_match_sdpa_on_the_whole_sequence(graphs_on, dtype, causal):
+    from benchmarks.simulated_ring import check_rank, set_transfer, simulated_rank
+
+    set_transfer("nccl")
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    rank, world = 1, 4
+    with simulated_rank(rank, world):
+        for seed in range(5):
+            errors = check_rank("ring", rank, world, batch=2, hq=4, hkv=2, local_len=256, dim=64, causal=causal,
+                                layout="zigzag", dtype=dtype, device="cuda", seed=seed, simulated=False)
+            assert max(errors.values()) <= tolerance, (seed, errors)
+            assert captured_signatures() == (0 if seed == 0 else 2), seed
