@@ -57,6 +57,7 @@ from lightning_seqpar.layout import LAYOUTS, required_multiple, sequence_positio
 from lightning_seqpar.ops import ATTENTION_OPS
 from lightning_seqpar.ops._checks import check_groups_for_rows, register_check_group
 from lightning_seqpar.ops._comm import collective_device
+from lightning_seqpar.ops._graphs import clear_cuda_graphs, cuda_graphs_enabled, set_cuda_graphs
 from lightning_seqpar.sampler import LOADER_STATE_MARK, make_resumable
 from lightning_seqpar.swap import RingContext, SwapReport, restore_attention, swap_attention
 from lightning_seqpar.swap import context as ring_contexts
@@ -221,6 +222,14 @@ class SeqParStrategy(DDPStrategy):
         check_batch_consistency: for the first N batches, hash each whole batch (before the
             cut) and compare the hashes inside every SP group; a mismatch (a hand-made sampler,
             augmentation seeded by global rank) raises on every rank. 0 = off.
+        cuda_graphs: replay the ring's forward and backward from CUDA graphs, one per pass and
+            shape, shared by every layer (CUDA and NCCL only; "ring" and "auto" attention).
+            Worth it where the host can't post ring steps as fast as the GPU runs them: short
+            chunks (a few thousand tokens per rank) and small heads; costs a copy of each pass's
+            inputs and outputs and the graphs' memory. Calls with a key padding mask run eagerly.
+            The attention alone gains most (4 H200s, 4K tokens per GPU, causal: 0.51-0.59 -> 0.92
+            of one GPU's speed); a ~1B model's training step there gained nothing measurable, its
+            other layers giving the host time to catch up (benchmarks/BENCHMARKS.md).
         **kwargs: passed to `DDPStrategy` (`timeout`, `process_group_backend`, `start_method`,
             DDP arguments, ...). `timeout` (a timedelta) bounds every collective, the ring's
             included: a rank that waits longer for a failed or hung peer raises.
@@ -239,6 +248,7 @@ class SeqParStrategy(DDPStrategy):
         pad_to_multiple: bool = False,
         pad_values: Mapping[str, int | float | bool] | None = None,
         check_batch_consistency: int = 0,
+        cuda_graphs: bool = False,
         **kwargs: Any,
     ) -> None:
         if not (sp_size == "auto" or (isinstance(sp_size, int) and not isinstance(sp_size, bool) and sp_size >= 1)):
@@ -257,6 +267,13 @@ class SeqParStrategy(DDPStrategy):
             raise ValueError(
                 f"check_batch_consistency is the number of first batches to check (0 = off), got {check_batch_consistency!r}"
             )
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if cuda_graphs and attention not in ("ring", "auto"):
+            raise ValueError(
+                f"cuda_graphs=True replays ring attention; attention={attention!r} always runs eagerly: "
+                f"use attention='ring' or 'auto', or cuda_graphs=False"
+            )
         if pad_values is not None and not pad_to_multiple:
             raise ValueError("pad_values only applies with pad_to_multiple=True")
         if isinstance(seq_keys, str):
@@ -272,6 +289,8 @@ class SeqParStrategy(DDPStrategy):
         self.pad_to_multiple = pad_to_multiple
         self.pad_values = dict(pad_values) if pad_values is not None else {"labels": -100}
         self.check_batch_consistency = check_batch_consistency
+        self.cuda_graphs = cuda_graphs
+        self._cuda_graphs_were: bool | None = None
         self._batches_seen = 0
         self._unpadded_length: int | None = None
         self._mesh = None
@@ -617,6 +636,7 @@ class SeqParStrategy(DDPStrategy):
                 "transfer in which SeqParStrategy cuts each sequence for its rank: write "
                 "training_step(self, batch, batch_idx) instead"
             )
+        self._check_cuda_graphs()
         load_installed_integrations()  # e.g. transformers models: routed by a swap hook
         self._swap = swap_attention(model)
         if self._swap.count == 0:
@@ -628,6 +648,7 @@ class SeqParStrategy(DDPStrategy):
                 f"automatically; for another attention module call "
                 f"lightning_seqpar.register_attention(YourAttention, ring_forward)"
             )
+        self._enable_cuda_graphs()
         ring_contexts.activate(RingContext(self.sp_group, self.attention, self.layout))
         # nn.TransformerEncoderLayer's inference fast path calls a fused kernel with the
         # attention weights directly, bypassing the swapped forward: chunk-local attention.
@@ -646,6 +667,19 @@ class SeqParStrategy(DDPStrategy):
                 f"sequence, they see only each rank's chunk: lightning_seqpar.register_attention(...)"
             )
         super().setup(trainer)
+
+    def _check_cuda_graphs(self) -> None:
+        backend = dist.get_backend(self.sp_group)
+        if self.cuda_graphs and (self.root_device.type != "cuda" or (self.sp_size > 1 and backend != dist.Backend.NCCL)):
+            raise ValueError(
+                f"cuda_graphs=True needs CUDA devices and the NCCL backend; this run is on "
+                f"{self.root_device.type} with {backend}: set cuda_graphs=False"
+            )
+
+    def _enable_cuda_graphs(self) -> None:
+        if self.cuda_graphs:
+            self._cuda_graphs_were = cuda_graphs_enabled()
+            set_cuda_graphs(True)
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         outputs = super().predict_step(*args, **kwargs)
@@ -694,6 +728,11 @@ class SeqParStrategy(DDPStrategy):
             torch.backends.mha.set_fastpath_enabled(self._fastpath_was)
             self._fastpath_was = None
         ring_contexts.deactivate()
+        if self._cuda_graphs_were is not None:
+            # The graphs hold memory and this run's process groups.
+            clear_cuda_graphs()
+            set_cuda_graphs(self._cuda_graphs_were)
+            self._cuda_graphs_were = None
         self._position_ids = self._sequence_length = self._unpadded_length = None
         self._batches_seen = 0
         self._loaded_rng_state = None

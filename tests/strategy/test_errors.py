@@ -16,6 +16,9 @@ CONFIG_CASES = {
     "unknown-attention": (dict(attention="flash"), 4, ["unknown attention 'flash'", "'ring'", "'rsa'"]),
     "unknown-layout": (dict(layout="striped"), 4, ["unknown layout 'striped'", "'zigzag'"]),
     "bad-sp-size": (dict(sp_size=0), 4, ["sp_size must be a positive int or 'auto'"]),
+    "cuda-graphs-not-bool": (dict(cuda_graphs="yes"), 2, ["cuda_graphs must be True or False"]),
+    "cuda-graphs-eager-attention": (dict(attention="rsa", cuda_graphs=True), 2,
+                                    ["attention='rsa' always runs eagerly", "attention='ring' or 'auto'", "cuda_graphs=False"]),
 }
 
 
@@ -45,10 +48,11 @@ def string_form_on_rank():
     return strategy.sp_size, strategy.dp_size, strategy.sp_rank, strategy.dp_rank, strategy.layout, strategy.attention
 
 
-def fit_expecting_failure(kind, seq_len=16, mask_style="dense", sp_size=2):
+def fit_expecting_failure(kind, seq_len=16, mask_style="dense", sp_size=2, **strategy_kwargs):
     _, world = join_pool_world()
     model = build(kind, False, 2, 4, 4, seq_len=seq_len, mask_style=mask_style)
-    trainer = quiet_trainer(devices=world, strategy=SeqParStrategy(sp_size=sp_size), max_steps=2, limit_val_batches=0)
+    trainer = quiet_trainer(devices=world, strategy=SeqParStrategy(sp_size=sp_size, **strategy_kwargs), max_steps=2,
+                            limit_val_batches=0)
     trainer.fit(model)
 
 
@@ -64,6 +68,15 @@ FIT_CASES = {
 def test_unusable_model_or_batch_fails_on_every_rank(process_pools, case):
     args, words = FIT_CASES[case]
     outcomes = process_pools(2).run(fit_expecting_failure, *args, timeout=90)
+    for outcome in outcomes:
+        assert outcome.error_type == "ValueError", outcome.trace
+        for word in words:
+            assert word in outcome.error, (word, outcome.error)
+
+
+def test_cuda_graphs_off_cuda_fail_on_every_rank(process_pools):
+    outcomes = process_pools(2).run(fit_expecting_failure, "lm", cuda_graphs=True, timeout=90)
+    words = ["cuda_graphs=True needs CUDA devices and the NCCL backend", "on cpu with gloo", "set cuda_graphs=False"]
     for outcome in outcomes:
         assert outcome.error_type == "ValueError", outcome.trace
         for word in words:
