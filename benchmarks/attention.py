@@ -11,6 +11,10 @@ copies here, so their link time is not counted) and the paper's RSA.
 
     python benchmarks/attention.py                 # CUDA: N = 8, 1K-16K tokens per rank
     python benchmarks/attention.py --device cpu --tokens 256 512 --heads 4 --world-size 4
+    python benchmarks/attention.py --cuda-graphs   # the ring replayed from CUDA graphs
+
+With `--cuda-graphs` the ring's check makes three calls in one group (eager, captured, replayed),
+each checked, and its timed reps are replays (the warm-up calls capture).
 
 Prints a table and writes benchmarks/results/attention_<device>.json.
 """
@@ -27,8 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import attention_parser, card, parse_attention_args, time_ms, write_result  # noqa: E402
-from benchmarks.simulated_ring import check_rank, every_rank_holds_mine, fake_group  # noqa: E402
-from lightning_seqpar.ops import ATTENTION_OPS  # noqa: E402
+from benchmarks.simulated_ring import check_rank, every_rank_holds_mine, fake_group, simulated_rank  # noqa: E402
+from lightning_seqpar.ops import ATTENTION_OPS, clear_cuda_graphs, set_cuda_graphs  # noqa: E402
 from lightning_seqpar.ops._kernels import select_block_kernel  # noqa: E402
 from lightning_seqpar.ops._pieces import causal_step_tasks  # noqa: E402
 
@@ -44,10 +48,16 @@ def run_shape(a, dim, causal, tokens):
     # Correctness first, on the same sequence length and head dim (2 heads keep it cheap); an
     # op whose check doesn't fit in memory isn't timed either.
     checked = {}
-    for algo in ALGORITHMS:
+    for algo in a.algorithms:
         try:
-            errors = check_rank(algo, a.rank, n, batch=1, hq=2, hkv=2, local_len=tokens, dim=dim, causal=causal,
-                                layout="zigzag", dtype=dtype, device=device, reference_dtype=torch.float32)
+            with simulated_rank(a.rank, n):
+                errors = {}
+                for seed in range(3 if a.cuda_graphs and algo == "ring" else 1):
+                    seen = check_rank(algo, a.rank, n, batch=1, hq=2, hkv=2, local_len=tokens, dim=dim, causal=causal,
+                                      layout="zigzag", dtype=dtype, device=device, reference_dtype=torch.float32,
+                                      seed=seed, simulated=False)
+                    errors = {name: max(err, errors.get(name, 0.0)) for name, err in seen.items()}
+            clear_cuda_graphs()
         except torch.OutOfMemoryError:
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -102,7 +112,7 @@ def run_shape(a, dim, causal, tokens):
     row["calls_fwd_eff"] = row["sdpa_fwd_ms"] / (n * calls_fwd)
     row["calls_fwdbwd_eff"] = row["sdpa_fwdbwd_ms"] / (n * calls_fwdbwd)
     with fake_group(a.rank, n), every_rank_holds_mine():
-        for algo in ALGORITHMS:
+        for algo in a.algorithms:
             if algo not in checked:
                 row[f"{algo}_oom"] = True
                 continue
@@ -115,6 +125,8 @@ def run_shape(a, dim, causal, tokens):
                 row[f"{algo}_oom"] = True
                 if device == "cuda":
                     torch.cuda.empty_cache()
+            finally:
+                clear_cuda_graphs()
     return row
 
 
@@ -122,7 +134,10 @@ def main():
     parser = attention_parser(__doc__)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS), help="the ops to check and time")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay the ring from CUDA graphs (set_cuda_graphs)")
     a = parse_attention_args(parser)
+    set_cuda_graphs(a.cuda_graphs)
     a.rank = 0  # zigzag gives every rank the same work; the balance benchmark checks that
     print(f"# {card(a.device)} | torch {torch.__version__} | {a.dtype} | {a.heads} heads | N = {a.world_size} (one rank simulated)")
     print(f"{'D':>4} {'mask':>7} {'tok/rank':>8} {'kernel':>9} | {'SDPA fwd':>9} {'fwd+bwd':>9} | "
@@ -134,6 +149,8 @@ def main():
         rows.append(row)
 
         def cells(algo):
+            if algo not in a.algorithms:
+                return f"{'-':>8} {'':>5} {'':>8} {'':>5}"
             if row.get(f"{algo}_oom"):
                 return f"{'OOM':>8} {'':>5} {'':>8} {'':>5}"
             return (f"{row[f'{algo}_fwd_ms']:8.2f} {row[f'{algo}_fwd_eff']:5.2f} "

@@ -57,7 +57,7 @@ from benchmarks.memory import MODELS  # noqa: E402
 from benchmarks.simulated_ring import dense_attention_mask, relative_error  # noqa: E402
 from lightning_seqpar.layout import sequence_positions, shard_sequence, unshard_sequence  # noqa: E402
 from lightning_seqpar.models.gpt import GPT  # noqa: E402
-from lightning_seqpar.ops import ATTENTION_OPS, set_input_checks  # noqa: E402
+from lightning_seqpar.ops import ATTENTION_OPS, clear_cuda_graphs, set_cuda_graphs, set_input_checks  # noqa: E402
 from lightning_seqpar.ops._checks import register_check_group  # noqa: E402
 from lightning_seqpar.swap import RingContext, swap_attention  # noqa: E402
 from lightning_seqpar.swap.context import ring_context  # noqa: E402
@@ -162,11 +162,17 @@ def correctness(run: Run):
                 def mine(x, dim=2):
                     return shard_sequence(x, dim, rank, n, layout)
 
-                local = [mine(t).to(dtype).requires_grad_() for t in (q, k, v)]
-                out = ATTENTION_OPS[algo](*local, group=group, causal=causal, layout=layout,
-                                          key_padding_mask=None if mask is None else mine(mask, 1))
-                out.backward(mine(dout).to(dtype))
-                errors = relative_errors(zip([out.detach()] + [t.grad for t in local], [mine(r) for r in reference]), group)
+                errors = [0.0] * 4
+                # With --cuda-graphs the ring's first call runs eagerly, the second captures
+                # and replays, the third replays: each is checked.
+                for _ in range(3 if run.args.cuda_graphs and algo == "ring" else 1):
+                    local = [mine(t).to(dtype).requires_grad_() for t in (q, k, v)]
+                    out = ATTENTION_OPS[algo](*local, group=group, causal=causal, layout=layout,
+                                              key_padding_mask=None if mask is None else mine(mask, 1))
+                    out.backward(mine(dout).to(dtype))
+                    errors = [max(e, f) for e, f in zip(errors, relative_errors(
+                        zip([out.detach()] + [t.grad for t in local], [mine(r) for r in reference]), group))]
+                clear_cuda_graphs()
                 tol = [1e-5] * 4 if dtype == torch.float32 else [2 * e + 1e-3 for e in single_err]
                 ok = all(e <= t for e, t in zip(errors, tol))
                 failures += not ok
@@ -332,21 +338,27 @@ def scaling(run: Run):
     embedding = cfg.vocab_size * cfg.d_model * 2
     rows = []
     run.log(f"{'N':>2} {'tok/GPU':>7} {'L':>7} | {'step ms':>8} {'tok/s/GPU':>10} {'TFLOP/s/GPU':>11} {'eff':>5}")
+    graph_modes = (False, True) if a.cuda_graphs else (False,)
     for tokens in tokens_list:
         base = None
-        for n in [1] + run.sizes:
+        for n, graphs in [(1, False)] + [(n, g) for n in run.sizes for g in graph_modes]:
             group = run.groups[n]
+            set_cuda_graphs(graphs)
             if run.rank < n:
                 step_ms = time_ms(lambda: model.step(1, tokens, n, run.rank, group), run.device.type, reps)
+            set_cuda_graphs(False)
+            clear_cuda_graphs()
             dist.barrier()
             step_ms = run.max_over(step_ms if run.rank < n else 0.0)
             flops = _model_flops(cfg, model.params - embedding, tokens, n * tokens)
             tflops = flops / step_ms / 1e9
             base = base or tflops
             rows.append(dict(kind="model", world_size=n, tokens_per_gpu=tokens, seq_len=n * tokens, step_ms=step_ms,
-                             tokens_per_s_per_gpu=tokens / step_ms * 1e3, tflops_per_gpu=tflops, efficiency=tflops / base))
+                             tokens_per_s_per_gpu=tokens / step_ms * 1e3, tflops_per_gpu=tflops, efficiency=tflops / base,
+                             cuda_graphs=graphs))
             r = rows[-1]
-            run.log(f"{n:>2} {tokens:>7} {n * tokens:>7} | {step_ms:8.1f} {r['tokens_per_s_per_gpu']:10.0f} {tflops:11.1f} {tflops / base:5.2f}")
+            run.log(f"{n:>2} {tokens:>7} {n * tokens:>7} | {step_ms:8.1f} {r['tokens_per_s_per_gpu']:10.0f} {tflops:11.1f} {tflops / base:5.2f}"
+                    f"{'  (CUDA graphs)' if graphs else ''}")
     model.close()
     run.log("# model step = forward + backward + AdamW of the causal LM (zigzag), bf16 autocast, batch 1")
     heads, kv_heads, dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -361,20 +373,25 @@ def scaling(run: Run):
             rows.append(dict(kind="attention", world_size=1, causal=causal, tokens_per_gpu=tokens, fwdbwd_ms=t1, efficiency=1.0))
             run.log(f"{1:>2} {tokens:>7} {'causal' if causal else 'full':>6} {'SDPA':>9} | {t1:10.2f} {1.0:5.2f}")
             for n in run.sizes:
-                for algo in ("ring", "allgather"):
+                for algo, graphs in [("ring", False), ("allgather", False)] + [("ring", True)] * a.cuda_graphs:
+                    set_cuda_graphs(graphs)
                     if run.rank < n:
                         tn = _time_attention(run, lambda q, k, v: ATTENTION_OPS[algo](q, k, v, group=run.groups[n], causal=causal, layout="zigzag"), qkv, reps)
+                    set_cuda_graphs(False)
+                    clear_cuda_graphs()
                     dist.barrier()
                     tn = run.max_over(tn if run.rank < n else 0.0)
                     rows.append(dict(kind="attention", algorithm=algo, world_size=n, causal=causal, tokens_per_gpu=tokens,
-                                     fwdbwd_ms=tn, efficiency=n * t1 / tn))
-                    run.log(f"{n:>2} {tokens:>7} {'causal' if causal else 'full':>6} {algo:>9} | {tn:10.2f} {n * t1 / tn:5.2f}")
+                                     fwdbwd_ms=tn, efficiency=n * t1 / tn, cuda_graphs=graphs))
+                    label = "ring+cg" if graphs else algo
+                    run.log(f"{n:>2} {tokens:>7} {'causal' if causal else 'full':>6} {label:>9} | {tn:10.2f} {n * t1 / tn:5.2f}")
             del qkv, expanded
             run.free()
-    run.log("# attention eff = N x t(fused SDPA, N=1) / t(op, N); the slowest rank's median time")
+    run.log("# attention eff = N x t(fused SDPA, N=1) / t(op, N); the slowest rank's median time; "
+            "ring+cg = the ring replayed from CUDA graphs")
     set_input_checks(True)
     run.write("scaling", {"tokens": tokens_list, "attention_tokens": a.attention_tokens, "reps": reps,
-                          "model": "tiny" if a.smoke else "llama_1b"}, rows)
+                          "model": "tiny" if a.smoke else "llama_1b", "cuda_graphs": a.cuda_graphs}, rows)
 
 
 # ----- the per-call input check -----------------------------------------------------------------
@@ -661,6 +678,9 @@ def main():
     parser.add_argument("--timeout", type=int, default=300, help="collective timeout, seconds")
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--smoke", action="store_true", help="tiny model and shapes: checks the plumbing")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also check the ring replayed from CUDA graphs (correctness: three calls per case) and time it "
+                             "(scaling: model and ring rows with graphs on beside the eager ones)")
     parser.add_argument("--strategy-baseline", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     a = parser.parse_args()
