@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -57,7 +58,7 @@ from benchmarks.memory import MODELS  # noqa: E402
 from benchmarks.simulated_ring import dense_attention_mask, relative_error  # noqa: E402
 from lightning_seqpar.layout import sequence_positions, shard_sequence, unshard_sequence  # noqa: E402
 from lightning_seqpar.models.gpt import GPT  # noqa: E402
-from lightning_seqpar.ops import ATTENTION_OPS, clear_cuda_graphs, set_cuda_graphs, set_input_checks  # noqa: E402
+from lightning_seqpar.ops import ATTENTION_OPS, captured_signatures, clear_cuda_graphs, set_cuda_graphs, set_input_checks  # noqa: E402
 from lightning_seqpar.ops._checks import register_check_group  # noqa: E402
 from lightning_seqpar.swap import RingContext, swap_attention  # noqa: E402
 from lightning_seqpar.swap.context import ring_context  # noqa: E402
@@ -196,31 +197,42 @@ def correctness(run: Run):
 STRATEGY_BATCH, STRATEGY_TRAIN, STRATEGY_VAL = 4, 20, 8  # 5 optimizer steps
 
 
-def _fit_tiny_lm(precision: str, accelerator: str, devices: int, reference: bool, strategy=None, sp_size: int = 1):
+def _fit_tiny_lm(precision: str, accelerator: str, devices: int, reference: bool, strategy=None, sp_size: int = 1,
+                 mask_style: str = "dense"):
     from tests.strategy.harness import quiet_trainer, snapshot
     from tests.strategy.models import build
 
+    import lightning as L
+
+    class CountGraphs(L.Callback):
+        """How many passes were captured, read before the strategy's teardown drops them."""
+        captured = 0
+
+        def on_train_end(self, trainer, pl_module):
+            self.captured = captured_signatures()
+
     dp = devices // sp_size
-    model = build("lm", reference, STRATEGY_BATCH // dp, STRATEGY_TRAIN, STRATEGY_VAL)
+    model = build("lm", reference, STRATEGY_BATCH // dp, STRATEGY_TRAIN, STRATEGY_VAL, mask_style=mask_style)
     kwargs = dict(strategy=strategy) if strategy is not None else {}
-    trainer = quiet_trainer(max_epochs=1, accelerator=accelerator, devices=devices, precision=precision, **kwargs)
+    count = CountGraphs()
+    trainer = quiet_trainer(max_epochs=1, accelerator=accelerator, devices=devices, precision=precision, callbacks=[count], **kwargs)
     trainer.fit(model)
-    return dict(state=snapshot(model), train_losses=model.train_losses)
+    return dict(state=snapshot(model), train_losses=model.train_losses, graphs_captured=count.captured)
 
 
-def strategy_baseline(path: str, precision: str, device: str):
+def strategy_baseline(path: str, precision: str, device: str, mask_style: str):
     """Entry point of the one-GPU reference process (no torchrun variables in its environment)."""
-    torch.save(_fit_tiny_lm(precision, "gpu" if device == "cuda" else "cpu", 1, reference=True), path)
+    torch.save(_fit_tiny_lm(precision, "gpu" if device == "cuda" else "cpu", 1, reference=True, mask_style=mask_style), path)
 
 
-def _baseline_in_subprocess(run: Run, precision: str, path: str):
+def _baseline_in_subprocess(run: Run, precision: str, mask_style: str, path: str):
     env = {k: v for k, v in os.environ.items() if k not in (
         "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT",
         "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")}
     if run.cuda:
         env["CUDA_VISIBLE_DEVICES"] = str(run.device.index)
-    subprocess.run([sys.executable, __file__, "--device", run.device.type, "--strategy-baseline", path, "--precision", precision],
-                   env=env, check=True, timeout=600)
+    subprocess.run([sys.executable, __file__, "--device", run.device.type, "--strategy-baseline", path, "--precision", precision,
+                    "--mask-style", mask_style], env=env, check=True, timeout=600)
 
 
 def strategy(run: Run):
@@ -232,38 +244,48 @@ def strategy(run: Run):
 
     rows, failures = [], 0
     precisions = ["32-true", "bf16-mixed"] if run.cuda else ["32-true"]
+    # With --cuda-graphs, runs through SeqParStrategy(cuda_graphs=True) as well. Their model
+    # attends with is_causal instead of a dense causal-and-padding mask (calls with a key padding
+    # mask stay eager), against a one-GPU baseline of the same model.
+    graph_modes = (False, True) if run.args.cuda_graphs and run.cuda else (False,)
+
+    def mask_style(graphs: bool) -> str:
+        return "is_causal" if graphs else "dense"
+
     with tempfile.TemporaryDirectory() as tmp:
         baselines = {}
-        for precision in precisions:
-            path = os.path.join(tmp, f"{precision}.pt")
+        for graphs, precision in itertools.product(graph_modes, precisions):
+            path = os.path.join(tmp, f"{precision}-{mask_style(graphs)}.pt")
             if run.rank == 0:
-                _baseline_in_subprocess(run, precision, path)
+                _baseline_in_subprocess(run, precision, mask_style(graphs), path)
             dist.barrier()
-            baselines[precision] = torch.load(path, weights_only=False) if run.rank == 0 else None
+            baselines[graphs, precision] = torch.load(path, weights_only=False) if run.rank == 0 else None
         run.log(f"{'devices':>7} {'sp':>3} {'precision':>10} | {'vs same-precision 1 GPU':>24} {'vs fp32 1 GPU':>14} "
                 f"{'1-GPU bf16 vs fp32':>19} | ok")
-        for sp in run.sizes:
-            for precision in precisions:
-                strat = SeqParStrategy(sp_size=sp, timeout=timedelta(seconds=run.args.timeout))
-                result = _fit_tiny_lm(precision, "gpu" if run.cuda else "cpu", run.world, reference=False, strategy=strat, sp_size=sp)
-                if run.rank != 0:
-                    continue
-                same, fp32 = baselines[precision]["state"], baselines["32-true"]["state"]
+        for sp, graphs, precision in itertools.product(run.sizes, graph_modes, precisions):
+            strat = SeqParStrategy(sp_size=sp, timeout=timedelta(seconds=run.args.timeout), cuda_graphs=graphs)
+            result = _fit_tiny_lm(precision, "gpu" if run.cuda else "cpu", run.world, reference=False, strategy=strat, sp_size=sp,
+                                  mask_style=mask_style(graphs))
+            if run.rank != 0:
+                continue
+            same, fp32 = baselines[graphs, precision]["state"], baselines[graphs, "32-true"]["state"]
 
-                def worst(state, ref):
-                    return max(parameter_error(state[k], ref[k]) for k in ref if ref[k].is_floating_point())
+            def worst(state, ref):
+                return max(parameter_error(state[k], ref[k]) for k in ref if ref[k].is_floating_point())
 
-                vs_same, vs_fp32 = worst(result["state"], same), worst(result["state"], fp32)
-                bf16_itself = worst(same, fp32) if precision != "32-true" else 0.0
-                tol = 1e-5 if precision == "32-true" else 2 * bf16_itself + 1e-3
-                measured = vs_same if precision == "32-true" else vs_fp32
-                ok = measured <= tol
-                failures += not ok
-                rows.append(dict(devices=run.world, sp_size=sp, precision=precision, vs_same_precision=vs_same,
-                                 vs_fp32=vs_fp32, single_bf16_vs_fp32=bf16_itself, tolerance=tol, ok=ok,
-                                 losses=result["train_losses"], baseline_losses=baselines[precision]["train_losses"]))
-                run.log(f"{run.world:>7} {sp:>3} {precision:>10} | {vs_same:24.2e} {vs_fp32:14.2e} {bf16_itself:19.2e} | "
-                        f"{'ok' if ok else 'FAIL'}")
+            vs_same, vs_fp32 = worst(result["state"], same), worst(result["state"], fp32)
+            bf16_itself = worst(same, fp32) if precision != "32-true" else 0.0
+            tol = 1e-5 if precision == "32-true" else 2 * bf16_itself + 1e-3
+            measured = vs_same if precision == "32-true" else vs_fp32
+            # A graphed run must have replayed: a forward and a backward graph at least.
+            ok = measured <= tol and (not graphs or result["graphs_captured"] >= 2)
+            failures += not ok
+            rows.append(dict(devices=run.world, sp_size=sp, precision=precision, cuda_graphs=graphs,
+                             graphs_captured=result["graphs_captured"], vs_same_precision=vs_same,
+                             vs_fp32=vs_fp32, single_bf16_vs_fp32=bf16_itself, tolerance=tol, ok=ok,
+                             losses=result["train_losses"], baseline_losses=baselines[graphs, precision]["train_losses"]))
+            run.log(f"{run.world:>7} {sp:>3} {precision:>10} | {vs_same:24.2e} {vs_fp32:14.2e} {bf16_itself:19.2e} | "
+                    f"{'ok' if ok else 'FAIL'}{'  (CUDA graphs)' if graphs else ''}")
     run.log("# worst relative error over parameter tensors after 5 AdamW steps (tiny causal LM, padded batches)")
     run.write("strategy", {"global_batch": STRATEGY_BATCH, "steps": STRATEGY_TRAIN // STRATEGY_BATCH}, rows, failures=failures)
     run.free()
@@ -683,9 +705,10 @@ def main():
                              "(scaling: model and ring rows with graphs on beside the eager ones)")
     parser.add_argument("--strategy-baseline", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--mask-style", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.strategy_baseline:
-        return strategy_baseline(a.strategy_baseline, a.precision, a.device)
+        return strategy_baseline(a.strategy_baseline, a.precision, a.device, a.mask_style)
     if a.smoke:
         a.tokens, a.attention_tokens, a.trace_tokens, a.reps = [256, 512], [256, 512], 512, 2
     if a.device == "cuda":
