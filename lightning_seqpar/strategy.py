@@ -204,7 +204,7 @@ class SeqParStrategy(DDPStrategy):
             (one all-gather of K/V, then a few fused calls: faster for short chunks, K/V of
             the whole sequence held for the length of each call), "auto" (allgather below
             `lightning_seqpar.ops.set_allgather_below` tokens per rank, 2048 by default, else
-            ring) or "rsa" (the paper's Ring Self-Attention, quadratic memory: the reference).
+            ring; with `cuda_graphs`, the ring wherever the graphs apply) or "rsa" (the paper's Ring Self-Attention, quadratic memory: the reference).
         layout: how sequences are cut: "zigzag" (balanced for causal attention; sequence length
             a multiple of 2 × sp_size), "contiguous" (a multiple of sp_size), "auto" = zigzag.
         seq_keys: mapping keys / dataclass fields whose tensors are sequences to cut; None =

@@ -92,12 +92,20 @@ def captured_signatures() -> int:
     return sum(isinstance(entry, _Captured) for entry in _CACHE.values())
 
 
-def _capturable(tensors: list[torch.Tensor], ring, masks) -> bool:
-    if not (_ENABLED and tensors[0].is_cuda and masks is None):
+def graphs_apply(x: torch.Tensor, group, has_mask: bool) -> bool:
+    """Whether the ring's passes on inputs like `x` over `group` run from CUDA graphs: the same
+    answer on every rank of the group, so `auto_attention` may choose by it."""
+    if not (_ENABLED and x.is_cuda and not has_mask):
         return False
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return False
-    return ring.size == 1 or dist.get_backend(ring.group) in CAPTURABLE_BACKENDS
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return True
+    return dist.get_backend(group) in CAPTURABLE_BACKENDS
+
+
+def _capturable(tensors: list[torch.Tensor], ring, masks) -> bool:
+    return graphs_apply(tensors[0], ring.group, masks is not None)
 
 
 def _group(ring):

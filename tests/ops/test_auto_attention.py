@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_seqpar.layout import unshard_sequence
-from lightning_seqpar.ops import ATTENTION_OPS, set_allgather_below
+from lightning_seqpar.ops import ATTENTION_OPS, set_allgather_below, set_cuda_graphs
+from lightning_seqpar.ops._graphs import graphs_apply
 from tests.ops.test_attention import make_inputs, reference, relative_error, run_shard
 
 auto_module = importlib.import_module("lightning_seqpar.ops.auto_attention")
@@ -54,6 +55,34 @@ def test_auto_picks_by_local_length(monkeypatch, threshold, below, expected):
     k, v = k[:, :, :LOCAL_LEN], v[:, :, :LOCAL_LEN]
     ATTENTION_OPS["auto"](q, k, v, causal=True)
     assert calls.names == [expected]
+
+
+@pytest.mark.parametrize("graphs_apply,expected", [(True, "ring_attention"), (False, "allgather_attention")])
+def test_below_the_threshold_a_graphed_ring_is_chosen(monkeypatch, threshold, graphs_apply, expected):
+    """Where the ring would replay from CUDA graphs (here: said so; on CPU they never apply),
+    short chunks take it too: replayed, it was ahead of the all-gather op at every short length."""
+    threshold(LOCAL_LEN + 1)
+    seen = []
+
+    def apply(x, group, has_mask):
+        seen.append(has_mask)
+        return graphs_apply
+
+    monkeypatch.setattr(auto_module, "graphs_apply", apply)
+    calls = _Calls(monkeypatch)
+    q, k, v, _, mask = make_inputs(0, 1, 4, 2, torch.float64, masked=True)
+    q, k, v, mask = q[:, :, :LOCAL_LEN], k[:, :, :LOCAL_LEN], v[:, :, :LOCAL_LEN], mask[:, :LOCAL_LEN]
+    ATTENTION_OPS["auto"](q, k, v, causal=True)
+    ATTENTION_OPS["auto"](q, k, v, causal=True, key_padding_mask=mask)
+    assert calls.names == [expected, expected] and seen == [False, True]
+
+
+def test_graphs_never_apply_off_cuda(threshold):
+    set_cuda_graphs(True)
+    try:
+        assert not graphs_apply(torch.ones(1, 1, 4, 2), None, has_mask=False)
+    finally:
+        set_cuda_graphs(False)
 
 
 def test_threshold_rejects_nonsense(threshold):

@@ -8,8 +8,9 @@ On a CUDA machine: one simulated rank of a ring of 4 (NCCL transfers to itself, 
 harness) makes five calls with fresh inputs each (eager, capture + replay, three replays);
 every call's output and dQ/dK/dV must match SDPA on the whole sequence (float64 reference;
 relative Frobenius error <= 1e-5 in float32, 2e-2 in bfloat16), and exactly one graph per pass
-must exist. Run with `python -m pytest tests/ops/test_cuda_graphs.py` on the GPU machine; CI
-has none, so those cases skip there.
+must exist; under "auto", short chunks must take the replayed ring. Run with
+`python -m pytest tests/ops/test_cuda_graphs.py` on the GPU machine; CI has none, so those
+cases skip there.
 """
 
 from __future__ import annotations
@@ -143,3 +144,22 @@ def test_replays_match_sdpa_on_the_whole_sequence(graphs_on, dtype, causal):
                                 layout="zigzag", dtype=dtype, device="cuda", seed=seed, simulated=False)
             assert max(errors.values()) <= tolerance, (seed, errors)
             assert captured_signatures() == (0 if seed == 0 else 2), seed
+
+
+@needs_cuda
+def test_auto_takes_the_replayed_ring_for_short_chunks(graphs_on):
+    from benchmarks.simulated_ring import check_rank, set_transfer, simulated_rank
+    from lightning_seqpar.ops import set_allgather_below
+    from lightning_seqpar.ops.auto_attention import DEFAULT_ALLGATHER_BELOW
+
+    set_transfer("nccl")
+    set_allgather_below(1 << 20)  # every length counts as short
+    try:
+        with simulated_rank(1, 4):
+            for seed in range(3):
+                errors = check_rank("auto", 1, 4, batch=1, hq=4, hkv=4, local_len=128, dim=64, causal=True,
+                                    layout="zigzag", dtype=torch.float32, device="cuda", seed=seed, simulated=False)
+                assert max(errors.values()) <= 1e-5, (seed, errors)
+            assert captured_signatures() == 2  # the ring's forward and backward, not the all-gather op
+    finally:
+        set_allgather_below(DEFAULT_ALLGATHER_BELOW)
