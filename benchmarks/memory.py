@@ -8,6 +8,11 @@ Llama-style model under sequence parallelism, one rank of an N-rank group simula
 
     python benchmarks/memory.py
     python benchmarks/memory.py --device cpu --model tiny --tokens 256 --world-sizes 1 2   # smoke run
+    python benchmarks/memory.py --tokens 4096 8192 --world-sizes --cuda-graphs   # the ratio, graphed ring
+
+With `--cuda-graphs` each SP step is two steps in one group, the first capturing the ring's
+graphs and the second replaying them; the peak is the larger of the two, and the graphs are
+dropped after.
 
 Prints tables and writes benchmarks/results/memory_<device>.json.
 """
@@ -27,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import card, write_result  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group  # noqa: E402
+from lightning_seqpar.ops import clear_cuda_graphs, set_cuda_graphs  # noqa: E402
+from lightning_seqpar.ops._graphs import cuda_graphs_enabled  # noqa: E402
 from lightning_seqpar.layout import sequence_positions  # noqa: E402
 from lightning_seqpar.models.gpt import GPT, GPTConfig  # noqa: E402
 from lightning_seqpar.swap import RingContext, restore_attention, swap_attention  # noqa: E402
@@ -78,12 +85,14 @@ class Trainee:
                 if self.device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                self._one_step(tokens, world_size)
+                for _ in range(2 if world_size > 1 and cuda_graphs_enabled() else 1):
+                    self._one_step(tokens, world_size)
                 return torch.cuda.max_memory_allocated() if self.device == "cuda" else 0
         except torch.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         finally:
+            clear_cuda_graphs()
             gc.collect()
             if self.device == "cuda":
                 torch.cuda.empty_cache()
@@ -113,10 +122,13 @@ def main():
     parser.add_argument("--model", choices=sorted(MODELS), default="llama_1b")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384], help="tokens per rank for the ratio")
     parser.add_argument("--ratio-world-size", type=int, default=8)
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--world-sizes", type=int, nargs="*", default=[1, 2, 4, 8],
+                        help="group sizes of the longest-sequence search (none: skip it)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="the ring replayed from CUDA graphs (set_cuda_graphs)")
     parser.add_argument("--granularity", type=int, default=1024)
     parser.add_argument("--out", type=Path)
     a = parser.parse_args()
+    set_cuda_graphs(a.cuda_graphs)
     cfg = MODELS[a.model]
     trainee = Trainee(cfg, a.device)
     params = sum(p.numel() for p in trainee.model.parameters())
@@ -134,7 +146,7 @@ def main():
         fmt = lambda b: "OOM" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
         print(f"{tokens:>7} {n * tokens:>9} | {fmt(alone):>12} | {fmt(sp):>14} | {ratio:.3f}" if ratio else
               f"{tokens:>7} {n * tokens:>9} | {fmt(alone):>12} | {fmt(sp):>14} | -", flush=True)
-    if a.device == "cuda":
+    if a.device == "cuda" and a.world_sizes:
         print(f"{'N':>3} | {'ring: longest L':>16} | {'RSA: longest L':>15}")
         for world_size in a.world_sizes:
             step = a.granularity
