@@ -55,7 +55,11 @@ class _Captured:
     on whatever was copied into them and writes `outputs`."""
 
     def __init__(self, fn: Callable, tensors: list[torch.Tensor], group) -> None:
-        self.inputs = [t.clone() for t in tensors]
+        # Ordinary tensors even when the capture runs under inference mode (Lightning's sanity
+        # check and validation): later replays copy into them, and an in-place write to an
+        # inference tensor outside inference mode is an error.
+        with torch.inference_mode(False):
+            self.inputs = [t.clone() for t in tensors]
         self.group = group  # held, so that its id is not reused by a later group while cached
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (NCCL's watchdog, the data loader's pinning) keep calling

@@ -8,7 +8,8 @@ On a CUDA machine: one simulated rank of a ring of 4 (NCCL transfers to itself, 
 harness) makes five calls with fresh inputs each (eager, capture + replay, three replays);
 every call's output and dQ/dK/dV must match SDPA on the whole sequence (float64 reference;
 relative Frobenius error <= 1e-5 in float32, 2e-2 in bfloat16), and exactly one graph per pass
-must exist; under "auto", short chunks must take the replayed ring. Run with
+must exist; under "auto", short chunks must take the replayed ring; a graph captured under
+inference mode (Lightning's validation) must replay in training. Run with
 `python -m pytest tests/ops/test_cuda_graphs.py` on the GPU machine; CI has none, so those
 cases skip there.
 """
@@ -163,3 +164,24 @@ def test_auto_takes_the_replayed_ring_for_short_chunks(graphs_on):
             assert captured_signatures() == 2  # the ring's forward and backward, not the all-gather op
     finally:
         set_allgather_below(DEFAULT_ALLGATHER_BELOW)
+
+
+@needs_cuda
+def test_a_graph_captured_under_inference_mode_replays_in_training(graphs_on):
+    """Lightning's sanity check and validation run under inference mode: a capture made there
+    must replay later in a training step, and again under inference mode."""
+    from benchmarks.simulated_ring import check_rank, set_transfer, simulated_rank
+
+    set_transfer("nccl")
+    shape = dict(batch=1, hq=4, hkv=2, local_len=128, dim=64, causal=True, layout="zigzag", device="cuda")
+    with simulated_rank(1, 4):
+        q, k, v = (torch.randn(1, h, 128, 64, device="cuda") for h in (4, 2, 2))
+        with torch.inference_mode():
+            for _ in range(2):  # eager, then captured
+                ring_attention(q, k, v, causal=True, layout="zigzag")
+        assert captured_signatures() == 1
+        for seed in range(2):
+            errors = check_rank("ring", 1, 4, dtype=torch.float32, seed=seed, simulated=False, **shape)
+            assert max(errors.values()) <= 1e-5, (seed, errors)
+        with torch.inference_mode():
+            ring_attention(q, k, v, causal=True, layout="zigzag")
