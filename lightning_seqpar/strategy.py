@@ -204,7 +204,8 @@ class SeqParStrategy(DDPStrategy):
             (one all-gather of K/V, then a few fused calls: faster for short chunks, K/V of
             the whole sequence held for the length of each call), "auto" (allgather below
             `lightning_seqpar.ops.set_allgather_below` tokens per rank, 2048 by default, else
-            ring; with `cuda_graphs`, the ring wherever the graphs apply) or "rsa" (the paper's Ring Self-Attention, quadratic memory: the reference).
+            ring; with `cuda_graphs`, the ring wherever the graphs apply) or "rsa" (the paper's
+            Ring Self-Attention, quadratic memory: the reference).
         layout: how sequences are cut: "zigzag" (balanced for causal attention; sequence length
             a multiple of 2 × sp_size), "contiguous" (a multiple of sp_size), "auto" = zigzag.
         seq_keys: mapping keys / dataclass fields whose tensors are sequences to cut; None =
@@ -669,8 +670,10 @@ class SeqParStrategy(DDPStrategy):
         super().setup(trainer)
 
     def _check_cuda_graphs(self) -> None:
+        if not self.cuda_graphs:
+            return
         backend = dist.get_backend(self.sp_group)
-        if self.cuda_graphs and (self.root_device.type != "cuda" or (self.sp_size > 1 and backend != dist.Backend.NCCL)):
+        if self.root_device.type != "cuda" or (self.sp_size > 1 and backend != dist.Backend.NCCL):
             raise ValueError(
                 f"cuda_graphs=True needs CUDA devices and the NCCL backend; this run is on "
                 f"{self.root_device.type} with {backend}: set cuda_graphs=False"

@@ -32,16 +32,17 @@ GRAD_TAG = 1
 
 
 class Ring:
-    """Send to rank+1 and receive from rank-1 of `group` (default: the world)."""
+    """Send to rank+1 and receive from rank-1 of `group` (default: the world).
+    `process_group` is the group itself (the world's for None; None without a process group)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
         if dist.is_available() and dist.is_initialized():
             self.size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
-            self._process_group = group or dist.group.WORLD
+            self.process_group = group or dist.group.WORLD
         else:
-            self.size, self.rank = 1, 0
+            self.size, self.rank, self.process_group = 1, 0, None
         self._coalesces: dict[torch.device, bool] = {}
 
     def owner(self, step: int) -> int:
@@ -79,7 +80,7 @@ class Ring:
         behind. Backends that coalesce (NCCL) get every op of the batch in one group call."""
         if not sends and not recvs:
             return []
-        pg = self._process_group
+        pg = self.process_group
         device = (sends or recvs)[0].device
         coalesce = self._coalesces.get(device)
         if coalesce is None:

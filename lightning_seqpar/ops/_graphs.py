@@ -114,7 +114,7 @@ def _capturable(tensors: list[torch.Tensor], ring, masks) -> bool:
 
 def _group(ring):
     """The process group a ring's graph talks on (None for a ring of one rank, which doesn't)."""
-    return None if ring.size == 1 else (ring.group or dist.group.WORLD)
+    return None if ring.size == 1 else ring.process_group
 
 
 def _pass(fn: Callable, ring, options: dict, *tensors: torch.Tensor):

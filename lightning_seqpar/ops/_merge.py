@@ -204,9 +204,10 @@ def _fused_fold(q: torch.Tensor):
 
 class _BlockFold:
     """A tensor shaped like the local rows of `q` (named for the queries; the ring passes k or v
-    to build their gradients), built from block results that each cover a range of those rows: merged by their lse (`weighted`) or summed. Up to `PARTS_PER_FOLD`
-    blocks wait for one fused fold on CUDA; eagerly, one waits (a call of one block returns it
-    as it is) and the rest are merged or added as they come, in the accumulation dtype."""
+    to build their gradients), built from block results that each cover a range of those rows:
+    merged by their lse (`weighted`) or summed. Up to `PARTS_PER_FOLD` blocks wait for one
+    fused fold on CUDA; eagerly, one waits (a call of one block returns it as it is) and the
+    rest are merged or added as they come, in the accumulation dtype."""
 
     weighted: bool
 
