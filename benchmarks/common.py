@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.simulated_ring import DEFAULT_TRANSFER, TRANSFERS, set_transfer
+from benchmarks.simulated_ring import COMM_PRIORITIES, DEFAULT_TRANSFER, TRANSFERS, set_transfer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -66,12 +66,14 @@ def one_shape_parser(doc: str, tokens: int, head_dim: int) -> argparse.ArgumentP
 def add_transfer_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer", choices=TRANSFERS, default=DEFAULT_TRANSFER,
                         help="how a simulated ring transfer copies on CUDA (benchmarks/simulated_ring.py)")
+    parser.add_argument("--comm-priority", choices=COMM_PRIORITIES, default="normal",
+                        help="priority of NCCL's stream for the simulated transfers (results/transfer_schedule_trial.txt)")
 
 
 def parse_attention_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    set_transfer(args.transfer)
+    set_transfer(args.transfer, args.comm_priority)
     set_timing(args.timing)
     return args
 

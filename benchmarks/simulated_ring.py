@@ -77,12 +77,23 @@ _transfer = DEFAULT_TRANSFER
 COPY_PROGRAMS = 16
 
 
-def set_transfer(mode: str) -> None:
-    """How simulated transfers copy on CUDA (`TRANSFERS`)."""
-    global _transfer
+# The priority of NCCL's stream in the "nccl" mode. High lets a transfer's kernel take SMs as
+# soon as an attention kernel's blocks retire, where at normal priority it waits for the
+# kernel's tail. It removed the compute stream's waits in a trace but slowed the attention
+# kernels as much, so the ops leave NCCL's default (results/transfer_schedule_trial.txt).
+COMM_PRIORITIES = ("normal", "high")
+_comm_priority = "normal"
+
+
+def set_transfer(mode: str, comm_priority: str = "normal") -> None:
+    """How simulated transfers copy on CUDA (`TRANSFERS`), and at which priority NCCL's stream
+    runs them (`COMM_PRIORITIES`)."""
+    global _transfer, _comm_priority
     if mode not in TRANSFERS:
         raise ValueError(f"unknown transfer {mode!r}: use one of {TRANSFERS}")
-    _transfer = mode
+    if comm_priority not in COMM_PRIORITIES:
+        raise ValueError(f"unknown comm priority {comm_priority!r}: use one of {COMM_PRIORITIES}")
+    _transfer, _comm_priority = mode, comm_priority
 
 
 @functools.cache
@@ -121,17 +132,18 @@ def _copy(send: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _nccl_to_self(device: torch.device):
+def _nccl_to_self(device: torch.device, comm_priority: str):
     """NCCL's backend for a group of one rank on `device`: sends to itself and receives from
-    itself."""
-    return dist.ProcessGroupNCCL(dist.HashStore(), 0, 1)
+    itself, on a stream of `comm_priority`."""
+    options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=comm_priority == "high")
+    return dist.ProcessGroupNCCL(dist.HashStore(), 0, 1, options)
 
 
 def _nccl_transfer(sends: list[torch.Tensor]):
     """`sends` through NCCL to this process: coalesced sends and receives, as one call of
     `Ring._post` in the ring posts them; waiting on the returned work makes the current
     stream wait for NCCL's stream."""
-    nccl = _nccl_to_self(sends[0].device)
+    nccl = _nccl_to_self(sends[0].device, _comm_priority)
     recvs = [torch.empty_like(send) for send in sends]
     nccl._start_coalescing()
     for send, recv in zip(sends, recvs):

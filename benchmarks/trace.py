@@ -7,6 +7,7 @@ attention kernel. Overlap = time during which a transfer kernel and a compute ke
 once, divided by the transfer kernels' total time.
 
     python benchmarks/trace.py --tokens 8192
+    python benchmarks/trace.py --tokens 4096 --causal --forward-only --cuda-graphs   # a replay
 
 Writes benchmarks/results/trace_ring_<tokens>.json (Chrome trace, open in Perfetto) and
 benchmarks/results/trace_<device>.json (the summary).
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, card, one_shape_parser, write_result  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group, set_transfer  # noqa: E402
-from lightning_seqpar.ops import ring_attention  # noqa: E402
+from lightning_seqpar.ops import ring_attention, set_cuda_graphs  # noqa: E402
 
 
 def _union(intervals):
@@ -73,8 +74,11 @@ def main():
     parser = one_shape_parser(__doc__, tokens=8192, head_dim=128)
     parser.add_argument("--forward-only", action="store_true", help="trace the forward alone")
     parser.add_argument("--trace-out", type=Path, help="where the Chrome trace goes (default: results/trace_ring_<tokens>.json)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="trace a replay from CUDA graphs (set_cuda_graphs; the warm-up steps run eagerly, then capture)")
     a = parser.parse_args()
-    set_transfer(a.transfer)
+    set_transfer(a.transfer, a.comm_priority)
+    set_cuda_graphs(a.cuda_graphs)
     if not torch.cuda.is_available():
         raise SystemExit("the trace needs a CUDA device (streams are what it shows)")
     q, k, v = (torch.randn(1, a.heads, a.tokens, a.head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -97,7 +101,7 @@ def main():
     summary = overlap_summary(trace)
     print(f"# {card('cuda')} | torch {torch.__version__} | {a.heads} x {a.head_dim} bf16 | N = {a.world_size} | "
           f"{a.tokens} tokens per rank | {'causal zigzag' if a.causal else 'non-causal'} | "
-          f"{'forward' if a.forward_only else 'forward + backward'}")
+          f"{'forward' if a.forward_only else 'forward + backward'}{' | replayed from CUDA graphs' if a.cuda_graphs else ''}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     print(f"compute stream busy {summary['compute_stream_us'] / 1e3:.2f} ms of its {summary['compute_span_us'] / 1e3:.2f} ms "
           f"from first kernel to last; transfers {summary['transfer_us'] / 1e3:.2f} ms, "

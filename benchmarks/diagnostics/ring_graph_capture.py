@@ -60,7 +60,7 @@ def main():
     parser = one_shape_parser(__doc__, tokens=4096, head_dim=64)
     parser.add_argument("--reps", type=int, default=20)
     a = parser.parse_args()
-    set_transfer(a.transfer)
+    set_transfer(a.transfer, a.comm_priority)
     if a.transfer != "nccl":
         raise SystemExit("capture the ring with --transfer nccl: the other transfers sync with Python-side events")
     if not torch.cuda.is_available():

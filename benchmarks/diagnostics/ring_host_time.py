@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--lines", type=int, default=30, help="cProfile lines to print")
     a = parser.parse_args()
-    set_transfer(a.transfer)
+    set_transfer(a.transfer, a.comm_priority)
     if not torch.cuda.is_available():
         raise SystemExit("host against device time needs a CUDA device")
     qkv = [torch.randn(1, a.heads, a.tokens, a.head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
