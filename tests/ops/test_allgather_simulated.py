@@ -45,15 +45,19 @@ def test_simulation_restores_the_collectives():
 
 
 def test_simulated_transfer_modes():
-    """The benchmarks' transfer choice: a wrong name is refused with the choices; every mode
-    hands back an equal copy (on CPU each is a clone), not the tensor that was sent."""
+    """The benchmarks' transfer choice and NCCL stream priority: a wrong name is refused with
+    the choices; every mode at every priority hands back an equal copy (on CPU each is a
+    clone), not the tensor that was sent."""
     with pytest.raises(ValueError, match="memcpy"):
         simulated_ring.set_transfer("rdma")
+    with pytest.raises(ValueError, match="normal"):
+        simulated_ring.set_transfer("nccl", "urgent")
     sent = torch.randn(2, 3, 4)
     try:
         for mode in simulated_ring.TRANSFERS:
-            simulated_ring.set_transfer(mode)
-            received, pending = simulated_ring._simulated_transfer(sent)
-            assert received is not sent and torch.equal(received, sent) and pending == []
+            for priority in simulated_ring.COMM_PRIORITIES:
+                simulated_ring.set_transfer(mode, priority)
+                received, pending = simulated_ring._simulated_transfer(sent)
+                assert received is not sent and torch.equal(received, sent) and pending == []
     finally:
         simulated_ring.set_transfer(simulated_ring.DEFAULT_TRANSFER)
