@@ -57,7 +57,7 @@ from lightning_seqpar.layout import LAYOUTS, required_multiple, sequence_positio
 from lightning_seqpar.ops import ATTENTION_OPS
 from lightning_seqpar.ops._checks import check_groups_for_rows, register_check_group
 from lightning_seqpar.ops._comm import collective_device
-from lightning_seqpar.ops._graphs import clear_cuda_graphs, cuda_graphs_enabled, set_cuda_graphs
+from lightning_seqpar.ops._graphs import CAPTURABLE_BACKENDS, clear_cuda_graphs, cuda_graphs_enabled, set_cuda_graphs
 from lightning_seqpar.sampler import LOADER_STATE_MARK, make_resumable
 from lightning_seqpar.swap import RingContext, SwapReport, restore_attention, swap_attention
 from lightning_seqpar.swap import context as ring_contexts
@@ -673,7 +673,7 @@ class SeqParStrategy(DDPStrategy):
         if not self.cuda_graphs:
             return
         backend = dist.get_backend(self.sp_group)
-        if self.root_device.type != "cuda" or (self.sp_size > 1 and backend != dist.Backend.NCCL):
+        if self.root_device.type != "cuda" or (self.sp_size > 1 and backend not in CAPTURABLE_BACKENDS):
             raise ValueError(
                 f"cuda_graphs=True needs CUDA devices and the NCCL backend; this run is on "
                 f"{self.root_device.type} with {backend}: set cuda_graphs=False"
