@@ -74,12 +74,14 @@ def check_fold_kernel() -> int:
             [False, True], [torch.bfloat16, torch.float16, torch.float32], [8, 80, 128], [24, 256],
             [False, True], [True, False]):
         whole, first, second = slice(0, local_len), slice(0, local_len // 2), slice(local_len // 2, local_len)
-        for name, row_ranges in [("ring", [whole, second, first, whole]), ("halves", [first, second, second]), ("one", [second])]:
+        # "ring of 8" fills every argument slot of the kernel (an output's fold of a ring of 8).
+        ring = [whole, second, first, whole, second, first, whole, second]
+        for name, row_ranges in [("ring", ring[:4]), ("ring of 8", ring), ("halves", [first, second, second]), ("one", [second])]:
             worst, dest_dtype = _fold_case(heads_first, dtype, dim, local_len, row_ranges, running, weighted, seed=local_len + dim)
             ok = worst <= TOLERANCE[dest_dtype]
             failures += not ok
             print(f"      fold {str(dtype):>15} {'[B,H,L,D]' if heads_first else '[B,L,H,D]'} D={dim:3} L={local_len:3} "
-                  f"{name:6} running={running!s:5} {'merge' if weighted else 'sum  '}  max rel err {worst:.1e}  {'ok' if ok else 'FAIL'}")
+                  f"{name:9} running={running!s:5} {'merge' if weighted else 'sum  '}  max rel err {worst:.1e}  {'ok' if ok else 'FAIL'}")
     return failures
 
 

@@ -6,14 +6,20 @@ at home; in the ring, dK/dV at their owner).
 
 Each block call covers a range of the local query rows (all of them, or one zigzag half).
 
-On CUDA the blocks are not folded in one at a time. Up to `PARTS_PER_FOLD` block results wait,
-and one Triton kernel folds them together in registers, in float32, and writes either the
-running float32 result or, at the end, the result in the input dtype. Folding one block at a
-time into a float32 running result reads and writes that float32 tensor once per block: for a
-ring of 8 the output's bytes were touched ~80 times, against 26 now. On an H200 that merge
-took about an eighth of a ring step's time at 8K tokens per rank, and dQ's float32 add a
-twentieth of a backward step's. Waiting blocks hold at most `PARTS_PER_FOLD` block results, each
-at most the size of the local rows, so memory stays O(L_local) whatever the ring's size.
+On CUDA the blocks are not folded in one at a time. Several block results wait, and one Triton
+kernel folds them together in registers, in float32, and writes either the running float32
+result or, at the end, the result in the input dtype. Folding one block at a time into a float32
+running result reads and writes that float32 tensor once per block: for a ring of 8 the
+output's bytes were touched ~80 times. On an H200 that merge took about an eighth of a ring
+step's time at 8K tokens per rank, and dQ's float32 add a twentieth of a backward step's.
+
+How many wait is a trade of memory for traffic. The output waits for up to
+`OUTPUT_PARTS_PER_FOLD` (8) blocks, so a ring of 8 folds once, straight into the output's dtype:
+18 bytes per output element against 26 with two folds of 4, and no float32 running result. It
+is a forward-only transient of eight block outputs. Gradients wait for up to
+`GRADIENT_PARTS_PER_FOLD` (4): the backward keeps dQ, dK and dV building at once, each holding
+its waiting partials, at the step's peak. Either way waiting blocks are each at most the size of
+the local rows, so memory stays O(L_local) whatever the ring's size.
 
 Elsewhere (CPU, float64, no Triton) each block is merged or added as it comes, eagerly, in the
 accumulation dtype.
@@ -30,10 +36,12 @@ import torch.nn.functional as F
 from lightning_seqpar.ops._blocks import EMPTY_LSE, all_rows, row_view
 from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like
 
-# Block results folded by one kernel launch. More would hold more block outputs in memory for
-# a few percent less traffic: with 4, a ring of 8 touches the output's bytes 26 times; with 8,
-# 18 times.
-PARTS_PER_FOLD = 4
+# Block results one fold kernel launch reads (its argument slots).
+KERNEL_SLOTS = 8
+# Block results that wait for one fold (see the module's docstring): all of a ring of 8 for the
+# output; half as many for each gradient, of which the backward builds three at once.
+OUTPUT_PARTS_PER_FOLD = 8
+GRADIENT_PARTS_PER_FOLD = 4
 
 
 def merge_block_eager_(out, lse, block_out, block_lse) -> None:
@@ -81,6 +89,10 @@ def _triton_fold():
         o1, l1, a1, z1, ob1, oh1, ol1, lh1,
         o2, l2, a2, z2, ob2, oh2, ol2, lh2,
         o3, l3, a3, z3, ob3, oh3, ol3, lh3,
+        o4, l4, a4, z4, ob4, oh4, ol4, lh4,
+        o5, l5, a5, z5, ob5, oh5, ol5, lh5,
+        o6, l6, a6, z6, ob6, oh6, ol6, lh6,
+        o7, l7, a7, z7, ob7, oh7, ol7, lh7,
         NUM_PARTS: tl.constexpr, HAS_RUNNING: tl.constexpr, WEIGHTED: tl.constexpr, EMPTY: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -113,6 +125,14 @@ def _triton_fold():
             acc, total, peak = absorb(acc, total, peak, b, h, m, d, d_ok, heads, o2, l2, a2, z2, ob2, oh2, ol2, lh2, WEIGHTED)
         if NUM_PARTS > 3:
             acc, total, peak = absorb(acc, total, peak, b, h, m, d, d_ok, heads, o3, l3, a3, z3, ob3, oh3, ol3, lh3, WEIGHTED)
+        if NUM_PARTS > 4:
+            acc, total, peak = absorb(acc, total, peak, b, h, m, d, d_ok, heads, o4, l4, a4, z4, ob4, oh4, ol4, lh4, WEIGHTED)
+        if NUM_PARTS > 5:
+            acc, total, peak = absorb(acc, total, peak, b, h, m, d, d_ok, heads, o5, l5, a5, z5, ob5, oh5, ol5, lh5, WEIGHTED)
+        if NUM_PARTS > 6:
+            acc, total, peak = absorb(acc, total, peak, b, h, m, d, d_ok, heads, o6, l6, a6, z6, ob6, oh6, ol6, lh6, WEIGHTED)
+        if NUM_PARTS > 7:
+            acc, total, peak = absorb(acc, total, peak, b, h, m, d, d_ok, heads, o7, l7, a7, z7, ob7, oh7, ol7, lh7, WEIGHTED)
         if WEIGHTED:
             # A row no block has covered yet keeps out 0 and lse EMPTY.
             total = tl.where(total > 0, total, 1.0)
@@ -121,7 +141,7 @@ def _triton_fold():
         tl.store(dest_out + out_offsets, acc.to(dest_out.dtype.element_ty), mask=tile_ok)
 
     def launch(parts, running, dest_out, dest_lse, tiles=None):
-        """`parts`: up to PARTS_PER_FOLD (rows, out, lse or None); `running`: (out, lse or None)
+        """`parts`: up to KERNEL_SLOTS (rows, out, lse or None); `running`: (out, lse or None)
         or None; dest_lse None for a plain sum. `tiles`: (rows per program, warps), to tune."""
         batch, heads, rows, dim = dest_out.shape
         block_d = triton.next_power_of_2(dim)
@@ -132,7 +152,7 @@ def _triton_fold():
         block_m, warps = tiles or (max(32, 2048 // block_d), max(2, min(8, block_d // 32)))
         weighted = dest_lse is not None
         part_args = []
-        for rows_range, out, lse in parts + parts[:1] * (PARTS_PER_FOLD - len(parts)):
+        for rows_range, out, lse in parts + parts[:1] * (KERNEL_SLOTS - len(parts)):
             lse = lse if weighted else out  # unread
             part_args += [out, lse, rows_range.start, rows_range.stop, *out.stride()[:3], lse.stride(1)]
         run_out, run_lse = running if running is not None else (dest_out, dest_lse)
@@ -205,17 +225,18 @@ def _fused_fold(q: torch.Tensor):
 class _BlockFold:
     """A tensor shaped like the local rows of `q` (named for the queries; the ring passes k or v
     to build their gradients), built from block results that each cover a range of those rows:
-    merged by their lse (`weighted`) or summed. Up to `PARTS_PER_FOLD` blocks wait for one
+    merged by their lse (`weighted`) or summed. Up to `parts_per_fold` blocks wait for one
     fused fold on CUDA; eagerly, one waits (a call of one block returns it as it is) and the
     rest are merged or added as they come, in the accumulation dtype."""
 
     weighted: bool
+    parts_per_fold: int
 
     def __init__(self, q: torch.Tensor, kernel):
         self.q, self.kernel = q, kernel
         self.acc = accumulation_dtype(q.dtype)
         self._fold = _fused_fold(q)
-        self._limit = PARTS_PER_FOLD if self._fold is not None else 1
+        self._limit = self.parts_per_fold if self._fold is not None else 1
         self._parts: list[tuple[slice, torch.Tensor, torch.Tensor | None]] = []
         self._running: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -292,6 +313,7 @@ class MergedOutput(_BlockFold):
     """
 
     weighted = True
+    parts_per_fold = OUTPUT_PARTS_PER_FOLD
 
     def add(self, rows: slice, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
         self._add(rows, block_out, block_lse)
@@ -307,6 +329,7 @@ class SummedRows(_BlockFold):
     accumulation dtype; rows no block covered are 0."""
 
     weighted = False
+    parts_per_fold = GRADIENT_PARTS_PER_FOLD
 
     def add(self, rows: slice, block: torch.Tensor) -> None:
         self._add(rows, block, None)

@@ -1,6 +1,7 @@
 """The ops' outputs and dQ are built from block results that each cover a range of the local
 rows (`_merge.MergedOutput`, `_merge.SummedRows`). Eagerly, each block is folded in as it comes;
-on CUDA up to `PARTS_PER_FOLD` blocks wait and one kernel folds them with the running result.
+on CUDA several blocks wait (`OUTPUT_PARTS_PER_FOLD`, `GRADIENT_PARTS_PER_FOLD`) and one kernel
+folds them with the running result.
 Here both paths run on CPU: the fused one with `fold_reference`, the kernel's arithmetic in torch
 ops (`benchmarks/kernel_check.py` compares the Triton kernel with it on a GPU). Each is compared
 with softmax attention over all of a row's keys at once, in float64 (relative error <= 1e-12),
@@ -125,19 +126,41 @@ def test_summed_rows_is_the_sum_of_every_block(fold_path, pattern, dtype):
     assert _relative(got.double(), want.to(dtype).double()) <= tolerance
 
 
-def test_fused_path_folds_a_few_blocks_at_a_time(monkeypatch):
-    """9 blocks: two folds of PARTS_PER_FOLD into a float32 running result, then the last block
-    with the running result into the output's dtype."""
+def test_fused_output_folds_a_ring_of_eight_once_and_more_in_eights(monkeypatch):
+    """A ring of 8 blocks: one fold, straight into the output's dtype (no float32 running
+    result). 9 blocks: a fold of 8 into a float32 running result, then the last block with it."""
     folds = _fold_with_reference(monkeypatch)
-    assert _merge.PARTS_PER_FOLD == 4
-    q, blocks = _blocks(PATTERNS["ring of 9 halves"], dtype=torch.float32)
-    merged = _merge.MergedOutput(q.bfloat16(), KERNELS["math"])
-    for rows, _, _, out, lse in blocks:
-        merged.add(rows, out.bfloat16(), lse)
-    out, _ = merged.result()
+    assert _merge.OUTPUT_PARTS_PER_FOLD == 8 <= _merge.KERNEL_SLOTS
+    for pattern, want_folds in [
+        ("ring of 8", [(8, False, torch.bfloat16)]),
+        ("ring of 9 halves", [(8, False, torch.float32), (1, True, torch.bfloat16)]),
+    ]:
+        folds.clear()
+        q, blocks = _blocks(PATTERNS[pattern], dtype=torch.float32)
+        merged = _merge.MergedOutput(q.bfloat16(), KERNELS["math"])
+        for rows, _, _, out, lse in blocks:
+            merged.add(rows, out.bfloat16(), lse)
+        out, _ = merged.result()
+        assert folds == want_folds, pattern
+        want, _ = _attention_over_all_keys(q, blocks)
+        assert out.dtype == torch.bfloat16 and _relative(out.float(), want) <= 8e-3
+
+
+def test_fused_gradient_folds_four_blocks_at_a_time(monkeypatch):
+    """Gradients hold fewer partials: 9 blocks fold as 4 into a float32 running sum, 4 more
+    into it, then the last one into the gradient's dtype."""
+    folds = _fold_with_reference(monkeypatch)
+    assert _merge.GRADIENT_PARTS_PER_FOLD == 4
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(B, H, L, D, generator=gen).bfloat16()
+    summed, want = _merge.SummedRows(q, KERNELS["math"]), torch.zeros(q.shape, dtype=torch.float64)
+    for rows in PATTERNS["ring of 9 halves"]:
+        block = torch.randn(B, H, rows.stop - rows.start, D, generator=gen).bfloat16()
+        summed.add(rows, block)
+        want[:, :, rows] += block.double()
+    got = summed.result()
     assert folds == [(4, False, torch.float32), (4, True, torch.float32), (1, True, torch.bfloat16)]
-    want, _ = _attention_over_all_keys(q, blocks)
-    assert out.dtype == torch.bfloat16 and _relative(out.float(), want) <= 8e-3
+    assert got.dtype == torch.bfloat16 and _relative(got.double(), want) <= 8e-3
 
 
 def test_one_block_over_every_row_comes_back_as_it_is(fold_path):
