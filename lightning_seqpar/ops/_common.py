@@ -28,6 +28,17 @@ def prepare(q, k, v, *, group, scale, layout, key_padding_mask, dropout_p):
     return q, k, v, 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
 
 
+def stack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`torch.stack([k, v])`, the block the ring passes around, as a view where V already
+    follows K in memory with the same contiguous layout: a CUDA graph's input copies are laid
+    out so (`_graphs.input_copies`), which saves the replay a copy of K and V."""
+    if (k.shape == v.shape and k.dtype == v.dtype and k.device == v.device and k.is_contiguous() and v.is_contiguous()
+            and k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+            and v.storage_offset() == k.storage_offset() + k.numel()):
+        return k.as_strided((2, *k.shape), (k.numel(), *k.stride()))
+    return torch.stack([k, v])
+
+
 def no_autocast(device: torch.device):
     """The ops' own arithmetic chooses its precision; autocast must not lower it."""
     return torch.autocast(device.type, enabled=False)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, all_gather_rows
-from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
+from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads, stack_kv
 from lightning_seqpar.ops._kernels import accumulation_dtype, head_expansion, select_block_kernel
 from lightning_seqpar.ops._merge import MergedOutput, SummedRows
 from lightning_seqpar.ops._pieces import BlockTask, pieces_per_rank, rank_pieces
@@ -101,7 +101,7 @@ def _to_rank_major(x: torch.Tensor, world_size: int, layout: str) -> torch.Tenso
 
 def _gathered_kv(k: torch.Tensor, v: torch.Tensor, ring: Ring, layout: str) -> torch.Tensor:
     """The whole group's K and V, `[2, B, Hkv, L, D]`, in global sequence order."""
-    return _to_global_order(all_gather_kv(torch.stack([k, v]), ring), 4, layout)
+    return _to_global_order(all_gather_kv(stack_kv(k, v), ring), 4, layout)
 
 
 def _global_key_mask(mask: torch.Tensor | None, ring: Ring, layout: str) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ import torch
 
 from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_sending_home
-from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads
+from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads, stack_kv
 from lightning_seqpar.ops._graphs import graphed
 from lightning_seqpar.ops._kernels import block_grad_dtype, head_expansion, select_block_kernel
 from lightning_seqpar.ops._merge import MergedOutput, SummedRows
@@ -52,7 +52,7 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
             )
             merged.add(task.q, block_out, block_lse)
 
-    ring_visit(ring, torch.stack([k, v]), visit)
+    ring_visit(ring, stack_kv(k, v), visit)
     out, lse = merged.result()
     finish_lse_(lse)
     return out, lse
@@ -96,7 +96,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
             dk.add(rows, dk_part)
             dv.add(rows, dv_part)
 
-    ring_visit_sending_home(ring, torch.stack([k, v]), visit, expected, arrived)
+    ring_visit_sending_home(ring, stack_kv(k, v), visit, expected, arrived)
     return dq.result(), dk.result(), dv.result()
 
 

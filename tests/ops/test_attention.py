@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lightning_seqpar.layout import shard_sequence, unshard_sequence
 from lightning_seqpar.ops import ATTENTION_OPS
+from lightning_seqpar.ops._common import stack_kv
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 PIECE = 3  # tokens per layout piece: odd, so nothing lines up with powers of two by accident
@@ -129,3 +130,44 @@ def test_autocast_casts_inputs_like_sdpa(algo):
     assert relative_error(out.float(), ref.float()) <= 2e-2
     out.float().backward(dout)
     assert q.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+
+
+def run_shard_kv_side_by_side(algo, seed, hq, hkv, dtype, causal, layout):
+    """`run_shard` with the local K and V as the two halves of one tensor, as a CUDA graph's
+    input copies lay them out: the op sends them as they lie (`stack_kv` views them) instead of
+    stacking them. Returns the output and dQ, dK, dV, and whether the view was taken."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    q, k, v, dout, _ = make_inputs(seed, world_size, hq, hkv, dtype, masked=False)
+    q = shard_sequence(q, 2, rank, world_size, layout).clone().requires_grad_()
+    kv = torch.stack([shard_sequence(t, 2, rank, world_size, layout) for t in (k, v)]).requires_grad_()
+    k_local, v_local = kv.unbind(0)
+    viewed = stack_kv(k_local, v_local).data_ptr() == kv.data_ptr()
+    out = ATTENTION_OPS[algo](q, k_local, v_local, causal=causal, layout=layout)
+    out.backward(shard_sequence(dout, 2, rank, world_size, layout))
+    return [out.detach(), q.grad, kv.grad[0], kv.grad[1]], viewed
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("algo", ["ring", "allgather"])
+@pytest.mark.parametrize("causal,layout", [(False, "contiguous"), (True, "zigzag")])
+def test_k_and_v_side_by_side_travel_as_they_lie(process_pools, world_size, algo, causal, layout):
+    seed = 17 + world_size
+    results = process_pools(world_size).run_ok(run_shard_kv_side_by_side, algo, seed, 4, 2, torch.float64, causal, layout)
+    assert all(viewed for _, viewed in results)
+    q, k, v, dout, _ = make_inputs(seed, world_size, 4, 2, torch.float64, masked=False)
+    expected = reference(q, k, v, dout, None, causal)
+    for name, i in zip(["out", "dq", "dk", "dv"], range(4)):
+        got = unshard_sequence([r[i] for r, _ in results], 2, layout)
+        err = relative_error(got, expected[i])
+        assert err <= TOLERANCE[torch.float64], f"{name}: relative error {err:.2e}"
+
+
+def test_stack_kv_views_only_what_lies_side_by_side():
+    kv = torch.randn(2, 2, 3, 5, 4)
+    k, v = kv.unbind(0)
+    assert stack_kv(k, v).data_ptr() == kv.data_ptr() and torch.equal(stack_kv(k, v), kv)
+    # Apart, swapped, or not contiguous: a fresh stack, equal to torch.stack.
+    for first, second in [(k.clone(), v.clone()), (v, k), (k.transpose(2, 3), v.transpose(2, 3))]:
+        stacked = stack_kv(first, second)
+        assert stacked.data_ptr() not in (first.data_ptr(), second.data_ptr())
+        assert torch.equal(stacked, torch.stack([first, second]))

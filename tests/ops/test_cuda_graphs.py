@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lightning_seqpar.layout import shard_sequence
 from lightning_seqpar.ops import _graphs, captured_signatures, clear_cuda_graphs, ring_attention, set_cuda_graphs
 from lightning_seqpar.ops._comm import Ring
+from lightning_seqpar.ops._common import stack_kv
 
 
 @pytest.fixture
@@ -125,6 +126,27 @@ def test_a_failed_capture_names_the_way_back_to_eager(monkeypatch, graphs_on):
     run(x, Ring(), None)
     with pytest.raises(RuntimeError, match=r"set_cuda_graphs\(False\) or SeqParStrategy\(cuda_graphs=False\)"):
         run(x, Ring(), None)
+
+
+def test_graph_input_copies_keep_values_and_layouts_and_lay_k_and_v_side_by_side():
+    """A graph's input copies: equal to the inputs, in their layouts; consecutive contiguous
+    inputs of one shape and dtype (a backward's dout, q, k, v) share one buffer, so the pass
+    sends K and V as they lie (`stack_kv`). A transposed input (a model's q) and another dtype
+    (the lse) are cloned as they are."""
+    gen = torch.Generator().manual_seed(0)
+    q_transposed = torch.randn(2, 5, 4, 3, generator=gen).transpose(1, 2)
+    dout, k, v, out = (torch.randn(2, 4, 5, 3, generator=gen) for _ in range(4))
+    lse = torch.randn(2, 4, 5, generator=gen)
+    inputs = [q_transposed, dout, k, v, out.bfloat16(), lse]
+    copies = _graphs.input_copies(inputs)
+    assert len(copies) == len(inputs)
+    for source, copy in zip(inputs, copies):
+        assert torch.equal(copy, source) and copy.stride() == source.stride() and copy.dtype == source.dtype
+        assert copy.data_ptr() != source.data_ptr()
+    k_copy, v_copy = copies[2], copies[3]
+    assert stack_kv(k_copy, v_copy).data_ptr() == k_copy.data_ptr()
+    assert copies[1].untyped_storage().data_ptr() == k_copy.untyped_storage().data_ptr()
+    assert copies[0].untyped_storage().data_ptr() != k_copy.untyped_storage().data_ptr()
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the GPU machine)")
