@@ -213,16 +213,26 @@ def correctness(run: Run):
 STRATEGY_BATCH, STRATEGY_TRAIN, STRATEGY_VAL = 4, 20, 8  # 5 optimizer steps
 
 
+# Lightning's sanity check (validation steps before training) in the graphed runs and their
+# baselines: it runs under inference mode, so the forward's graph is captured there and must
+# replay correctly in training.
+GRAPHED_SANITY_STEPS = 2
+
+
 def _fit_tiny_lm(precision: str, accelerator: str, devices: int, reference: bool, strategy=None, sp_size: int = 1,
-                 mask_style: str = "dense"):
+                 mask_style: str = "dense", sanity_steps: int = 0):
     from tests.strategy.harness import quiet_trainer, snapshot
     from tests.strategy.models import build
 
     import lightning as L
 
     class CountGraphs(L.Callback):
-        """How many passes were captured, read before the strategy's teardown drops them."""
-        captured = 0
+        """How many passes were captured by the end of the sanity check and of training, read
+        before the strategy's teardown drops them."""
+        captured = in_sanity_check = 0
+
+        def on_sanity_check_end(self, trainer, pl_module):
+            self.in_sanity_check = captured_signatures()
 
         def on_train_end(self, trainer, pl_module):
             self.captured = captured_signatures()
@@ -231,24 +241,27 @@ def _fit_tiny_lm(precision: str, accelerator: str, devices: int, reference: bool
     model = build("lm", reference, STRATEGY_BATCH // dp, STRATEGY_TRAIN, STRATEGY_VAL, mask_style=mask_style)
     kwargs = dict(strategy=strategy) if strategy is not None else {}
     count = CountGraphs()
-    trainer = quiet_trainer(max_epochs=1, accelerator=accelerator, devices=devices, precision=precision, callbacks=[count], **kwargs)
+    trainer = quiet_trainer(max_epochs=1, accelerator=accelerator, devices=devices, precision=precision, callbacks=[count],
+                            num_sanity_val_steps=sanity_steps, **kwargs)
     trainer.fit(model)
-    return dict(state=snapshot(model), train_losses=model.train_losses, graphs_captured=count.captured)
+    return dict(state=snapshot(model), train_losses=model.train_losses, graphs_captured=count.captured,
+                graphs_captured_in_sanity_check=count.in_sanity_check)
 
 
-def strategy_baseline(path: str, precision: str, device: str, mask_style: str):
+def strategy_baseline(path: str, precision: str, device: str, mask_style: str, sanity_steps: int):
     """Entry point of the one-GPU reference process (no torchrun variables in its environment)."""
-    torch.save(_fit_tiny_lm(precision, "gpu" if device == "cuda" else "cpu", 1, reference=True, mask_style=mask_style), path)
+    torch.save(_fit_tiny_lm(precision, "gpu" if device == "cuda" else "cpu", 1, reference=True, mask_style=mask_style,
+                            sanity_steps=sanity_steps), path)
 
 
-def _baseline_in_subprocess(run: Run, precision: str, mask_style: str, path: str):
+def _baseline_in_subprocess(run: Run, precision: str, mask_style: str, sanity_steps: int, path: str):
     env = {k: v for k, v in os.environ.items() if k not in (
         "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT",
         "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")}
     if run.cuda:
         env["CUDA_VISIBLE_DEVICES"] = str(run.device.index)
     subprocess.run([sys.executable, __file__, "--device", run.device.type, "--strategy-baseline", path, "--precision", precision,
-                    "--mask-style", mask_style], env=env, check=True, timeout=600)
+                    "--mask-style", mask_style, "--sanity-steps", str(sanity_steps)], env=env, check=True, timeout=600)
 
 
 def strategy(run: Run):
@@ -268,12 +281,15 @@ def strategy(run: Run):
     def mask_style(graphs: bool) -> str:
         return "is_causal" if graphs else "dense"
 
+    def sanity_steps(graphs: bool) -> int:
+        return GRAPHED_SANITY_STEPS if graphs else 0
+
     with tempfile.TemporaryDirectory() as tmp:
         baselines = {}
         for graphs, precision in itertools.product(graph_modes, precisions):
             path = os.path.join(tmp, f"{precision}-{mask_style(graphs)}.pt")
             if run.rank == 0:
-                _baseline_in_subprocess(run, precision, mask_style(graphs), path)
+                _baseline_in_subprocess(run, precision, mask_style(graphs), sanity_steps(graphs), path)
             dist.barrier()
             baselines[graphs, precision] = torch.load(path, weights_only=False) if run.rank == 0 else None
         run.log(f"{'devices':>7} {'sp':>3} {'precision':>10} | {'vs same-precision 1 GPU':>24} {'vs fp32 1 GPU':>14} "
@@ -281,7 +297,7 @@ def strategy(run: Run):
         for sp, graphs, precision in itertools.product(run.sizes, graph_modes, precisions):
             strat = SeqParStrategy(sp_size=sp, timeout=timedelta(seconds=run.args.timeout), cuda_graphs=graphs)
             result = _fit_tiny_lm(precision, "gpu" if run.cuda else "cpu", run.world, reference=False, strategy=strat, sp_size=sp,
-                                  mask_style=mask_style(graphs))
+                                  mask_style=mask_style(graphs), sanity_steps=sanity_steps(graphs))
             if run.rank != 0:
                 continue
             same, fp32 = baselines[graphs, precision]["state"], baselines[graphs, "32-true"]["state"]
@@ -293,11 +309,14 @@ def strategy(run: Run):
             bf16_itself = worst(same, fp32) if precision != "32-true" else 0.0
             tol = 1e-5 if precision == "32-true" else 2 * bf16_itself + 1e-3
             measured = vs_same if precision == "32-true" else vs_fp32
-            # A graphed run must have replayed: a forward and a backward graph at least.
-            ok = measured <= tol and (not graphs or result["graphs_captured"] >= 2)
+            # A graphed run must have replayed: a forward and a backward graph at least, the
+            # forward's captured in the sanity check, under inference mode, and replayed in training.
+            replayed = result["graphs_captured"] >= 2 and result["graphs_captured_in_sanity_check"] >= 1
+            ok = measured <= tol and (not graphs or replayed)
             failures += not ok
             rows.append(dict(devices=run.world, sp_size=sp, precision=precision, cuda_graphs=graphs,
-                             graphs_captured=result["graphs_captured"], vs_same_precision=vs_same,
+                             graphs_captured=result["graphs_captured"],
+                             graphs_captured_in_sanity_check=result["graphs_captured_in_sanity_check"], vs_same_precision=vs_same,
                              vs_fp32=vs_fp32, single_bf16_vs_fp32=bf16_itself, tolerance=tol, ok=ok,
                              losses=result["train_losses"], baseline_losses=baselines[graphs, precision]["train_losses"]))
             run.log(f"{run.world:>7} {sp:>3} {precision:>10} | {vs_same:24.2e} {vs_fp32:14.2e} {bf16_itself:19.2e} | "
@@ -718,9 +737,10 @@ def main():
     parser.add_argument("--strategy-baseline", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--mask-style", help=argparse.SUPPRESS)
+    parser.add_argument("--sanity-steps", type=int, default=0, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.strategy_baseline:
-        return strategy_baseline(a.strategy_baseline, a.precision, a.device, a.mask_style)
+        return strategy_baseline(a.strategy_baseline, a.precision, a.device, a.mask_style, a.sanity_steps)
     if a.smoke:
         a.tokens, a.attention_tokens, a.trace_tokens, a.reps = [256, 512], [256, 512], 512, 2
     if a.device == "cuda":
