@@ -1,7 +1,8 @@
 """Would CUDA graphs take the host out of a short ring? One simulated ring rank's forward and
 backward (the op's own functions, NCCL transfers included), run eagerly and replayed from a
-CUDA graph, each against one fused SDPA call on the whole sequence (efficiency = SDPA time /
-(N x rank time), as in `benchmarks/attention.py`).
+CUDA graph captured as the op captures it (`lightning_seqpar.ops._graphs._Captured`), each
+against one fused SDPA call on the whole sequence (efficiency = SDPA time / (N x rank time),
+as in `benchmarks/attention.py`).
 
 A replay here includes copying fresh inputs into the graph's buffers and its outputs out, as an
 op that reuses one graph for every layer of a model would have to; "replay alone" leaves those
@@ -26,34 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.common import one_shape_parser, time_ms  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group, set_transfer  # noqa: E402
 from lightning_seqpar.ops._comm import Ring  # noqa: E402
+from lightning_seqpar.ops._graphs import _Captured  # noqa: E402
 from lightning_seqpar.ops.ring_attention import ring_attention_backward, ring_attention_forward  # noqa: E402
-
-
-def graphed(fn, inputs: list[torch.Tensor]):
-    """`fn(*inputs)` captured once on static copies of `inputs`; returns the graph's input
-    buffers, its outputs (overwritten by every replay) and the graph."""
-    static = [x.clone() for x in inputs]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # NCCL's communicator, cuDNN's plans and Triton's kernels, before capture
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: NCCL's watchdog thread queries events while this thread captures.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        outputs = fn(*static)
-    return static, outputs, graph
-
-
-def replay_with_copies(static, outputs, graph, inputs):
-    def run():
-        for buffer, x in zip(static, inputs):
-            buffer.copy_(x)
-        graph.replay()
-        return [o.clone() for o in outputs]
-    return run
 
 
 def main():
@@ -92,9 +67,14 @@ def main():
         eager = {"forward": (forward, [q, k, v]), "backward": (backward, [dout, q, k, v, out, lse])}
         rows = []
         for name, (fn, inputs) in eager.items():
+            # The two eager calls also make NCCL connect and build cuDNN's plans and Triton's
+            # kernels, as the op's first call of a signature does before it captures.
             want, again = fn(*inputs), fn(*inputs)
-            static, outputs, graph = graphed(fn, inputs)
-            run = replay_with_copies(static, outputs, graph, inputs)
+            captured = _Captured(fn, inputs, group=None)
+
+            def run():
+                return captured(inputs)
+
             got = run()
             for w, e, g in zip(want, again, got):
                 eager_gap, replay_gap = ((w.float() - x.float()).abs().max().item() for x in (e, g))
@@ -103,7 +83,7 @@ def main():
                 print(f"{name}: max |replay - eager| {replay_gap:.3g}, max |eager - eager| {eager_gap:.3g}")
             eager_ms = time_ms(lambda: fn(*inputs), "cuda", a.reps)
             replay_ms = time_ms(run, "cuda", a.reps)
-            alone_ms = time_ms(graph.replay, "cuda", a.reps)
+            alone_ms = time_ms(captured.graph.replay, "cuda", a.reps)
             rows.append((name, eager_ms, replay_ms, alone_ms))
 
     sdpa = {"forward": sdpa_fwd, "backward": sdpa_fwdbwd - sdpa_fwd}
