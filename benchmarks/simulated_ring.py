@@ -9,6 +9,7 @@ SDPA on the global sequence that such a ring would hold.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import importlib
@@ -137,7 +138,16 @@ def _nccl_to_self(device: torch.device, comm_priority: str):
     """NCCL's backend for a group of one rank on `device`: sends to itself and receives from
     itself, on a stream of `comm_priority`."""
     options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=comm_priority == "high")
-    return dist.ProcessGroupNCCL(dist.HashStore(), 0, 1, options)
+    backend = dist.ProcessGroupNCCL(dist.HashStore(), 0, 1, options)
+    # Shut down while the interpreter is whole: left to its destructor at exit, it warned on
+    # every run that it was never destroyed.
+    atexit.register(_shut_down, backend)
+    return backend
+
+
+def _shut_down(backend) -> None:
+    # Newer releases name it `shutdown`, older ones `_shutdown`.
+    (getattr(backend, "shutdown", None) or backend._shutdown)()
 
 
 def _nccl_transfer(sends: list[torch.Tensor]):

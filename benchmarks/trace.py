@@ -11,6 +11,9 @@ once, divided by the transfer kernels' total time.
 
 Writes benchmarks/results/trace_ring_<tokens>.json (Chrome trace, open in Perfetto) and
 benchmarks/results/trace_<device>.json (the summary).
+
+With --cuda-graphs, on torch 2.11 and H100s, the process has not exited after writing both
+files (three runs, 2026-11-26): run it under `timeout`. The cause was not found.
 """
 
 from __future__ import annotations
