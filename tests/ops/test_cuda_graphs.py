@@ -147,6 +147,12 @@ def test_graph_input_copies_keep_values_and_layouts_and_lay_k_and_v_side_by_side
     assert stack_kv(k_copy, v_copy).data_ptr() == k_copy.data_ptr()
     assert copies[1].untyped_storage().data_ptr() == k_copy.untyped_storage().data_ptr()
     assert copies[0].untyped_storage().data_ptr() != k_copy.untyped_storage().data_ptr()
+    # 5 x 3 bf16 elements are 30 bytes, not a multiple of 16: a second of them would start
+    # misaligned, so each is cloned on its own.
+    odd = [t[:1, :1].bfloat16() for t in (k, v)]
+    odd_copies = _graphs.input_copies(odd)
+    assert all(torch.equal(c, t) for c, t in zip(odd_copies, odd))
+    assert odd_copies[0].untyped_storage().data_ptr() != odd_copies[1].untyped_storage().data_ptr()
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the GPU machine)")
