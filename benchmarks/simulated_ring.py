@@ -275,7 +275,9 @@ def check_rank(algo, rank, world_size, *, batch, hq, hkv, local_len, dim, causal
     mask = None
     if masked:
         mask = torch.ones(batch, local_len, dtype=torch.bool, device=device)
-        mask[0, local_len // 3 :] = False
+        # Right padding whose length moves with the seed, so that replayed calls prove they
+        # read the masks they were given.
+        mask[0, local_len // 3 + seed % 4 :] = False
     local = [t.clone().requires_grad_() for t in (q, k, v)]
     with simulated_rank(rank, world_size) if simulated else contextlib.nullcontext():
         out = ATTENTION_OPS[algo](*local, causal=causal, layout=layout, key_padding_mask=mask)

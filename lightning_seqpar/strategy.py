@@ -227,7 +227,7 @@ class SeqParStrategy(DDPStrategy):
             shape, shared by every layer (CUDA and NCCL only; "ring" and "auto" attention).
             Worth it where the host can't post ring steps as fast as the GPU runs them: short
             chunks (a few thousand tokens per rank) and small heads; costs a copy of each pass's
-            inputs and outputs and the graphs' memory. Calls with a key padding mask run eagerly.
+            inputs and outputs and the graphs' memory. Calls with a key padding mask replay too.
             The attention alone gains most (4 H200s, 4K tokens per GPU, causal: 0.51-0.59 -> 0.92
             of one GPU's speed); a ~1B model's training step there gained nothing measurable, its
             other layers giving the host time to catch up (benchmarks/BENCHMARKS.md).

@@ -17,8 +17,9 @@ side by side, so the pass needn't stack them) and replays it; later calls copy t
 into the graph's, replay, and copy the outputs out. Every rank
 of a group makes the same calls in the same order, so their graphs capture and replay together,
 and a graph's NCCL operations meet their peers' as the eager ones would. Calls that can't be
-captured run eagerly: off CUDA, with a key padding mask, a backend other than NCCL on a group of
-several ranks, or inside another capture.
+captured run eagerly: off CUDA, a backend other than NCCL on a group of several ranks, or inside
+another capture. A call with a key padding mask replays too: the group's masks (gathered
+eagerly before the pass, as every call gathers them) are one more input copied into the graph.
 
 Each signature keeps its graph's memory (the pass's temporaries, its input copies and outputs)
 until `clear_cuda_graphs()`; every layer of a model shares one graph per pass.
@@ -123,10 +124,10 @@ def captured_signatures() -> int:
     return sum(isinstance(entry, _Captured) for entry in _CACHE.values())
 
 
-def graphs_apply(x: torch.Tensor, group, has_mask: bool) -> bool:
+def graphs_apply(x: torch.Tensor, group) -> bool:
     """Whether the ring's passes on inputs like `x` over `group` run from CUDA graphs: the same
     answer on every rank of the group, so `auto_attention` may choose by it."""
-    if not (_ENABLED and x.is_cuda and not has_mask):
+    if not (_ENABLED and x.is_cuda):
         return False
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return False
@@ -135,8 +136,8 @@ def graphs_apply(x: torch.Tensor, group, has_mask: bool) -> bool:
     return dist.get_backend(group) in CAPTURABLE_BACKENDS
 
 
-def _capturable(tensors: list[torch.Tensor], ring, masks) -> bool:
-    return graphs_apply(tensors[0], ring.group, masks is not None)
+def _capturable(tensors: list[torch.Tensor], ring) -> bool:
+    return graphs_apply(tensors[0], ring.group)
 
 
 def _group(ring):
@@ -144,8 +145,10 @@ def _group(ring):
     return None if ring.size == 1 else ring.process_group
 
 
-def _pass(fn: Callable, ring, options: dict, *tensors: torch.Tensor):
-    return fn(*tensors, ring, None, **options)
+def _pass(fn: Callable, ring, options: dict, masked: bool, *inputs: torch.Tensor):
+    """`fn` on a graph's inputs: the pass's tensors, and last the masks if `masked`."""
+    tensors, masks = (inputs[:-1], inputs[-1]) if masked else (inputs, None)
+    return fn(*tensors, ring, masks, **options)
 
 
 def graphed(fn: Callable) -> Callable:
@@ -155,12 +158,14 @@ def graphed(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(*args, **options):
         *tensors, ring, masks = args
-        if not _capturable(tensors, ring, masks):
+        if not _capturable(tensors, ring):
             return fn(*args, **options)
         group = _group(ring)
-        # Everything the pass's work depends on: its inputs' layout, its group and place in it,
-        # its options, and the one global setting that changes its kernels.
-        key = (fn.__qualname__, tensors[0].device, tuple((t.shape, t.stride(), t.dtype) for t in tensors),
+        inputs = tensors if masks is None else [*tensors, masks]
+        # Everything the pass's work depends on: its inputs' layout (the masks' too, and whether
+        # there are any), its group and place in it, its options, and the one global setting
+        # that changes its kernels.
+        key = (fn.__qualname__, tensors[0].device, masks is not None, tuple((t.shape, t.stride(), t.dtype) for t in inputs),
                id(group), ring.rank, ring.size, tuple(sorted(options.items())), block_kernel_override())
         entry = _CACHE.get(key)
         if entry is None:
@@ -168,13 +173,13 @@ def graphed(fn: Callable) -> Callable:
             return fn(*args, **options)
         if isinstance(entry, _Seen):
             try:
-                entry = _Captured(functools.partial(_pass, fn, ring, options), tensors, group)
+                entry = _Captured(functools.partial(_pass, fn, ring, options, masks is not None), inputs, group)
             except Exception as error:
                 raise RuntimeError(
                     f"capturing {fn.__qualname__} in a CUDA graph failed ({error}); run it eagerly with "
                     f"lightning_seqpar.ops.set_cuda_graphs(False) or SeqParStrategy(cuda_graphs=False)"
                 ) from error
             _CACHE[key] = entry
-        return entry(tensors)
+        return entry(inputs)
 
     return run

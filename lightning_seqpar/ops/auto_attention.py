@@ -79,7 +79,7 @@ def auto_attention(
     """`allgather_attention` when the local length is below `allgather_below()` and the ring
     would not replay from CUDA graphs, else `ring_attention`; same contract as both."""
     short = q.dim() >= 3 and q.size(2) < _allgather_below
-    op = allgather_attention if short and not graphs_apply(q, group, key_padding_mask is not None) else ring_attention
+    op = allgather_attention if short and not graphs_apply(q, group) else ring_attention
     return op(
         q, k, v, group=group, causal=causal, scale=scale, layout=layout,
         key_padding_mask=key_padding_mask, dropout_p=dropout_p,

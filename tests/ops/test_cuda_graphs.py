@@ -5,7 +5,8 @@ the eager ring on gloo, 2 and 4 ranks, and nothing captured. The signature bookk
 checked with the capture itself stubbed out.
 
 On a CUDA machine: one simulated rank of a ring of 4 (NCCL transfers to itself, the benchmarks'
-harness) makes five calls with fresh inputs each (eager, capture + replay, three replays);
+harness) makes five calls with fresh inputs each (eager, capture + replay, three replays), with
+and without a key padding mask that changes from call to call;
 every call's output and dQ/dK/dV must match SDPA on the whole sequence (float64 reference;
 relative Frobenius error <= 1e-5 in float32, 2e-2 in bfloat16), and exactly one graph per pass
 must exist; under "auto", short chunks must take the replayed ring; a graph captured under
@@ -91,7 +92,7 @@ def test_signatures_capture_on_the_second_call_and_tell_shapes_options_and_kerne
         calls.append((x.shape, causal))
         return (x + y,)
 
-    monkeypatch.setattr(_graphs, "_capturable", lambda tensors, ring, masks: True)
+    monkeypatch.setattr(_graphs, "_capturable", lambda tensors, ring: True)
     monkeypatch.setattr(_graphs, "_Captured", FakeCapture)
     FakeCapture.made = []
     run = _graphs.graphed(fake_pass)
@@ -115,11 +116,38 @@ def test_signatures_capture_on_the_second_call_and_tell_shapes_options_and_kerne
     assert len(calls) == 3 + 3 + 2  # every call reached the pass (the fake replays call it)
 
 
+def test_key_padding_masks_are_one_more_input_of_their_own_signature(monkeypatch, graphs_on):
+    """Masks go into the graph as its last input: a masked call captures apart from an unmasked
+    one of the same tensors, and from one with masks of another shape, and each replay gets the
+    masks it was called with."""
+    seen = []
+
+    def fake_pass(x, ring, masks, *, causal):
+        seen.append(None if masks is None else masks.clone())
+        return (x if masks is None else x * masks.sum(),)
+
+    monkeypatch.setattr(_graphs, "_capturable", lambda tensors, ring: True)
+    monkeypatch.setattr(_graphs, "_Captured", FakeCapture)
+    FakeCapture.made = []
+    run = _graphs.graphed(fake_pass)
+    ring, x = Ring(), torch.ones(2, 3)
+    for _ in range(2):
+        run(x, ring, None, causal=True)
+    assert len(FakeCapture.made) == 1
+    for fill in (True, False, True):  # eager, captured, replayed: each with its own masks
+        masks = torch.full((1, 2, 3), fill)
+        assert torch.equal(run(x, ring, masks, causal=True)[0], x * masks.sum())
+        assert torch.equal(seen[-1], masks)
+    assert len(FakeCapture.made) == 2
+    run(x, ring, torch.ones(1, 2, 4, dtype=torch.bool), causal=True)  # masks of another shape: eager
+    assert len(FakeCapture.made) == 2
+
+
 def test_a_failed_capture_names_the_way_back_to_eager(monkeypatch, graphs_on):
     def broken(*tensors):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(_graphs, "_capturable", lambda tensors, ring, masks: True)
+    monkeypatch.setattr(_graphs, "_capturable", lambda tensors, ring: True)
     monkeypatch.setattr(_graphs, "_Captured", lambda fn, tensors, group: broken())
     run = _graphs.graphed(lambda x, ring, masks: (x,))
     x = torch.ones(2)
@@ -161,16 +189,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_replays_match_sdpa_on_the_whole_sequence(graphs_on, dtype, causal):
+@pytest.mark.parametrize("masked", [False, True], ids=["", "padded"])
+def test_replays_match_sdpa_on_the_whole_sequence(graphs_on, dtype, causal, masked):
     from benchmarks.simulated_ring import check_rank, set_transfer, simulated_rank
 
     set_transfer("nccl")
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     rank, world = 1, 4
     with simulated_rank(rank, world):
-        for seed in range(5):
+        for seed in range(5):  # padded: the padding's length changes with the seed
             errors = check_rank("ring", rank, world, batch=2, hq=4, hkv=2, local_len=256, dim=64, causal=causal,
-                                layout="zigzag", dtype=dtype, device="cuda", seed=seed, simulated=False)
+                                layout="zigzag", dtype=dtype, device="cuda", masked=masked, seed=seed, simulated=False)
             assert max(errors.values()) <= tolerance, (seed, errors)
             assert captured_signatures() == (0 if seed == 0 else 2), seed
 
