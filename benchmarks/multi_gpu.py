@@ -189,9 +189,9 @@ def correctness(run: Run):
                             zip([out.detach()] + [t.grad for t in local], [mine(r) for r in reference]), group))]
                     captured = captured_signatures()
                 tol = [1e-5] * 4 if dtype == torch.float32 else [2 * e + 1e-3 for e in single_err]
-                # Where the graphs apply (CUDA, no padding mask) the case must have replayed: a
+                # Where the graphs apply (CUDA; padded or not) the case must have replayed: a
                 # forward and a backward graph. Elsewhere the three calls stay eager.
-                ok = all(e <= t for e, t in zip(errors, tol)) and (not (graphed and run.cuda and not masked) or captured >= 2)
+                ok = all(e <= t for e, t in zip(errors, tol)) and (not (graphed and run.cuda) or captured >= 2)
                 failures += not ok
                 worst = max(range(4), key=lambda i: errors[i] / tol[i])
                 row = dict(world_size=n, dtype=str(dtype).removeprefix("torch."), algorithm=algo, causal=causal, layout=layout,
@@ -220,7 +220,7 @@ GRAPHED_SANITY_STEPS = 2
 
 
 def _fit_tiny_lm(precision: str, accelerator: str, devices: int, reference: bool, strategy=None, sp_size: int = 1,
-                 mask_style: str = "dense", sanity_steps: int = 0):
+                 sanity_steps: int = 0):
     from tests.strategy.harness import quiet_trainer, snapshot
     from tests.strategy.models import build
 
@@ -238,7 +238,7 @@ def _fit_tiny_lm(precision: str, accelerator: str, devices: int, reference: bool
             self.captured = captured_signatures()
 
     dp = devices // sp_size
-    model = build("lm", reference, STRATEGY_BATCH // dp, STRATEGY_TRAIN, STRATEGY_VAL, mask_style=mask_style)
+    model = build("lm", reference, STRATEGY_BATCH // dp, STRATEGY_TRAIN, STRATEGY_VAL)
     kwargs = dict(strategy=strategy) if strategy is not None else {}
     count = CountGraphs()
     trainer = quiet_trainer(max_epochs=1, accelerator=accelerator, devices=devices, precision=precision, callbacks=[count],
@@ -248,20 +248,19 @@ def _fit_tiny_lm(precision: str, accelerator: str, devices: int, reference: bool
                 graphs_captured_in_sanity_check=count.in_sanity_check)
 
 
-def strategy_baseline(path: str, precision: str, device: str, mask_style: str, sanity_steps: int):
+def strategy_baseline(path: str, precision: str, device: str, sanity_steps: int):
     """Entry point of the one-GPU reference process (no torchrun variables in its environment)."""
-    torch.save(_fit_tiny_lm(precision, "gpu" if device == "cuda" else "cpu", 1, reference=True, mask_style=mask_style,
-                            sanity_steps=sanity_steps), path)
+    torch.save(_fit_tiny_lm(precision, "gpu" if device == "cuda" else "cpu", 1, reference=True, sanity_steps=sanity_steps), path)
 
 
-def _baseline_in_subprocess(run: Run, precision: str, mask_style: str, sanity_steps: int, path: str):
+def _baseline_in_subprocess(run: Run, precision: str, sanity_steps: int, path: str):
     env = {k: v for k, v in os.environ.items() if k not in (
         "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT",
         "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")}
     if run.cuda:
         env["CUDA_VISIBLE_DEVICES"] = str(run.device.index)
     subprocess.run([sys.executable, __file__, "--device", run.device.type, "--strategy-baseline", path, "--precision", precision,
-                    "--mask-style", mask_style, "--sanity-steps", str(sanity_steps)], env=env, check=True, timeout=600)
+                    "--sanity-steps", str(sanity_steps)], env=env, check=True, timeout=600)
 
 
 def strategy(run: Run):
@@ -273,13 +272,9 @@ def strategy(run: Run):
 
     rows, failures = [], 0
     precisions = ["32-true", "bf16-mixed"] if run.cuda else ["32-true"]
-    # With --cuda-graphs, runs through SeqParStrategy(cuda_graphs=True) as well. Their model
-    # attends with is_causal instead of a dense causal-and-padding mask (calls with a key padding
-    # mask stay eager), against a one-GPU baseline of the same model.
+    # With --cuda-graphs, runs through SeqParStrategy(cuda_graphs=True) as well: the same model
+    # and padded batches (its calls carry a key padding mask, which the graphs take as an input).
     graph_modes = (False, True) if run.args.cuda_graphs and run.cuda else (False,)
-
-    def mask_style(graphs: bool) -> str:
-        return "is_causal" if graphs else "dense"
 
     def sanity_steps(graphs: bool) -> int:
         return GRAPHED_SANITY_STEPS if graphs else 0
@@ -287,9 +282,9 @@ def strategy(run: Run):
     with tempfile.TemporaryDirectory() as tmp:
         baselines = {}
         for graphs, precision in itertools.product(graph_modes, precisions):
-            path = os.path.join(tmp, f"{precision}-{mask_style(graphs)}.pt")
+            path = os.path.join(tmp, f"{precision}-{'graphs' if graphs else 'eager'}.pt")
             if run.rank == 0:
-                _baseline_in_subprocess(run, precision, mask_style(graphs), sanity_steps(graphs), path)
+                _baseline_in_subprocess(run, precision, sanity_steps(graphs), path)
             dist.barrier()
             baselines[graphs, precision] = torch.load(path, weights_only=False) if run.rank == 0 else None
         run.log(f"{'devices':>7} {'sp':>3} {'precision':>10} | {'vs same-precision 1 GPU':>24} {'vs fp32 1 GPU':>14} "
@@ -297,7 +292,7 @@ def strategy(run: Run):
         for sp, graphs, precision in itertools.product(run.sizes, graph_modes, precisions):
             strat = SeqParStrategy(sp_size=sp, timeout=timedelta(seconds=run.args.timeout), cuda_graphs=graphs)
             result = _fit_tiny_lm(precision, "gpu" if run.cuda else "cpu", run.world, reference=False, strategy=strat, sp_size=sp,
-                                  mask_style=mask_style(graphs), sanity_steps=sanity_steps(graphs))
+                                  sanity_steps=sanity_steps(graphs))
             if run.rank != 0:
                 continue
             same, fp32 = baselines[graphs, precision]["state"], baselines[graphs, "32-true"]["state"]
@@ -736,11 +731,10 @@ def main():
                              "(scaling: model and ring rows with graphs on beside the eager ones)")
     parser.add_argument("--strategy-baseline", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
-    parser.add_argument("--mask-style", help=argparse.SUPPRESS)
     parser.add_argument("--sanity-steps", type=int, default=0, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.strategy_baseline:
-        return strategy_baseline(a.strategy_baseline, a.precision, a.device, a.mask_style, a.sanity_steps)
+        return strategy_baseline(a.strategy_baseline, a.precision, a.device, a.sanity_steps)
     if a.smoke:
         a.tokens, a.attention_tokens, a.trace_tokens, a.reps = [256, 512], [256, 512], 512, 2
     if a.device == "cuda":
