@@ -70,10 +70,15 @@ def add_transfer_argument(parser: argparse.ArgumentParser) -> None:
                         help="priority of NCCL's stream for the simulated transfers (results/transfer_schedule_trial.txt)")
 
 
+def apply_transfer_args(args: argparse.Namespace) -> None:
+    """Set what `add_transfer_argument`'s options chose for the simulated transfers."""
+    set_transfer(args.transfer, args.comm_priority)
+
+
 def parse_attention_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    set_transfer(args.transfer, args.comm_priority)
+    apply_transfer_args(args)
     set_timing(args.timing)
     return args
 

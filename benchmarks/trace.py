@@ -27,8 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, card, one_shape_parser, write_result  # noqa: E402
-from benchmarks.simulated_ring import every_rank_holds_mine, fake_group, set_transfer  # noqa: E402
+from benchmarks.common import RESULTS, apply_transfer_args, card, one_shape_parser, write_result  # noqa: E402
+from benchmarks.simulated_ring import every_rank_holds_mine, fake_group  # noqa: E402
 from lightning_seqpar.ops import ring_attention, set_cuda_graphs  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def main():
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="trace a replay from CUDA graphs (set_cuda_graphs; the warm-up steps run eagerly, then capture)")
     a = parser.parse_args()
-    set_transfer(a.transfer, a.comm_priority)
+    apply_transfer_args(a)
     set_cuda_graphs(a.cuda_graphs)
     if not torch.cuda.is_available():
         raise SystemExit("the trace needs a CUDA device (streams are what it shows)")
