@@ -28,6 +28,7 @@ until `clear_cuda_graphs()`; every layer of a model shares one graph per pass.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -86,21 +87,17 @@ def input_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     size in bytes is not a multiple of 16: each copy must start where the fused kernels' loads
     want it, as a fresh allocation does."""
     copies: list[torch.Tensor] = []
-    i = 0
-    while i < len(tensors):
-        first = tensors[i]
-        run = 1
-        if first.is_contiguous() and first.numel() * first.element_size() % 16 == 0:
-            while (i + run < len(tensors) and tensors[i + run].is_contiguous() and tensors[i + run].shape == first.shape
-                   and tensors[i + run].dtype == first.dtype and tensors[i + run].device == first.device):
-                run += 1
-        if run == 1:
-            copies.append(first.clone())
-        else:
-            shared = torch.stack(tensors[i:i + run])
-            copies.extend(shared.unbind(0))
-        i += run
+    for key, run in itertools.groupby(tensors, key=_buffer_key):
+        run = list(run)
+        copies.extend(torch.stack(run).unbind(0) if key is not None and len(run) > 1 else (t.clone() for t in run))
     return copies
+
+
+def _buffer_key(t: torch.Tensor):
+    """Inputs with equal keys, one after another, share a buffer; None shares with nothing."""
+    if t.is_contiguous() and t.numel() * t.element_size() % 16 == 0:
+        return t.shape, t.dtype, t.device
+    return None
 
 
 class _Seen:
