@@ -41,7 +41,7 @@ def fake_group(rank: int, world_size: int):
 
 
 class _StreamWork:
-    """What `Ring.exchange` returns for a simulated transfer: waiting makes the compute stream
+    """What `Ring.exchange` and `Ring.fetch` return for a simulated transfer: waiting makes the compute stream
     wait for the copy, as waiting on an NCCL request does."""
 
     def __init__(self, event):
@@ -186,7 +186,7 @@ def _simulated_transfers(sends: list[torch.Tensor]):
 
 
 def _simulated_transfer(send: torch.Tensor):
-    """One simulated transfer of `send`: what `Ring.exchange` returns."""
+    """One simulated transfer of `send`: what `Ring.exchange` and `Ring.fetch` return."""
     recvs, pending = _simulated_transfers([send])
     return recvs[0], pending
 
@@ -199,11 +199,14 @@ def every_rank_holds_mine():
     the rows they cover), and the all-gather op's reduce-scatter returns the sum of this rank's
     partials for every rank's chunk: with all chunks equal, both give the gradient of the one
     chunk they all are, summed over this rank's visits (see `check_rank`'s dk)."""
-    originals = (_comm.Ring.exchange, _comm.Ring.send_home, _common.all_gather_rows, allgather_module.all_gather_kv,
-                 allgather_module.reduce_scatter_grads)
+    originals = (_comm.Ring.exchange, _comm.Ring.fetch, _comm.Ring.send_home, _common.all_gather_rows,
+                 allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads)
 
     def exchange(self, send, tag):
         return _simulated_transfer(send)
+
+    def fetch(self, step, local):
+        return _simulated_transfer(local)
 
     def send_home(self, step, parts, expected):
         if not parts:
@@ -221,8 +224,9 @@ def every_rank_holds_mine():
     def reduce_scatter(partials, ring):
         return partials.sum(0)
 
-    (_comm.Ring.exchange, _comm.Ring.send_home, _common.all_gather_rows, allgather_module.all_gather_kv,
-     allgather_module.reduce_scatter_grads) = (exchange, send_home, gather, gather_kv, reduce_scatter)
+    (_comm.Ring.exchange, _comm.Ring.fetch, _comm.Ring.send_home, _common.all_gather_rows,
+     allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads) = (exchange, fetch, send_home, gather, gather_kv,
+                                                                               reduce_scatter)
     # Through NCCL the simulated transfers are capturable, as the ring's are.
     capturable = _transfer == "nccl"
     if capturable:
@@ -230,8 +234,8 @@ def every_rank_holds_mine():
     try:
         yield
     finally:
-        (_comm.Ring.exchange, _comm.Ring.send_home, _common.all_gather_rows, allgather_module.all_gather_kv,
-         allgather_module.reduce_scatter_grads) = originals
+        (_comm.Ring.exchange, _comm.Ring.fetch, _comm.Ring.send_home, _common.all_gather_rows,
+         allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads) = originals
         if capturable:
             _graphs.CAPTURABLE_BACKENDS.discard("fake")
 

@@ -1,25 +1,38 @@
-"""The ring: asynchronous neighbour exchange inside a process group, and the two walks that
-both attention algorithms are built from.
+"""The ring: asynchronous block exchange inside a process group, and the walks that both
+attention algorithms are built from.
 
-- `ring_visit`: every rank's block visits every rank once; the next block is already in flight
-  while the current one is used.
-- `ring_visit_sending_home`: the same walk, and each visit's partial gradients for the
+- `ring_visit`: every rank's block visits every rank once; the next blocks are already in
+  flight while the current one is used. Two schedules (`SCHEDULES`):
+  - "neighbour", the paper's ring: each rank passes on the block it just received, so only the
+    next block can be in flight;
+  - "direct": at step s each rank sends its own block to the rank s after it and receives the
+    block of the rank s before it, so `BLOCKS_IN_FLIGHT` blocks can be in flight at once.
+- `ring_visit_sending_home`: the direct walk, and each visit's partial gradients for the
   visiting block are sent straight to the block's owner, in the kernel's dtype, while the next
   block computes; the owner sums what arrives. How the ring attention's dK/dV get home.
-- `ring_visit_and_reduce`: the same walk, and each visit adds a partial gradient for the
+- `ring_visit_and_reduce`: the neighbour walk, and each visit adds a partial gradient for the
   visiting block's owner into a buffer that travels behind the block; it arrives home summed
   after one more hop (the paper's RSA, whose partials are float32 sums anyway).
+
+Why direct for the ring attention: a transfer posted on a CUDA stream starts only once the
+compute queued before it is done (NCCL's stream waits for the poster's), and its kernels get
+SMs only as the next block kernel's blocks retire. Posted one step ahead, each transfer then
+ends a little after the block it overlaps, and the next block waits for it at every step
+(0.25 ms of a 2.10 ms forward at 4K tokens per rank, causal, in an H100 trace). Two steps
+ahead, it has a whole block's time to spare. A neighbour ring cannot post two steps ahead: the
+second block is not there until the first has arrived.
 
 Sending home moves fewer bytes than a travelling sum: a partial goes once, in bf16 where the
 kernel returns bf16, where a travelling float32 sum goes N times at twice the width and is read
 and written in float32 at every hop; the owner sums several partials in one pass
-(`_merge.SummedRows`). The price is the pattern: at step s every rank sends to the rank s
-before it, not to its neighbour, which costs nothing inside one NVLink/NVSwitch domain but
-crosses more node boundaries than a ring when a group spans nodes.
+(`_merge.SummedRows`). The price of both direct patterns: at step s every rank exchanges with
+the ranks s away, not with its neighbours, which costs nothing inside one NVLink/NVSwitch
+domain but crosses more node boundaries than a ring when a group spans nodes.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 import torch
@@ -29,6 +42,11 @@ import torch.distributed as dist
 # (gloo); NCCL matches by issue order, which every rank shares.
 BLOCK_TAG = 0
 GRAD_TAG = 1
+
+SCHEDULES = ("direct", "neighbour")
+# Blocks of the direct walk in flight ahead of the one being used: one more K/V block in
+# memory than the neighbour ring holds, for a transfer that never holds up the next block.
+BLOCKS_IN_FLIGHT = 2
 
 
 class Ring:
@@ -58,6 +76,13 @@ class Ring:
         receive buffer (valid after `wait`) and the pending requests."""
         recv = torch.empty_like(send)
         return recv, self._post([send], self.visitor(1), [recv], self.owner(1), tag)
+
+    def fetch(self, step: int, local: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Post send of `local`, this rank's block, to the rank that visits it at `step`, and a
+        receive of the block this rank visits at `step`, shaped as `local`; returns the receive
+        buffer (valid after `wait`) and the pending requests."""
+        recv = torch.empty_like(local)
+        return recv, self._post([local], self.visitor(step), [recv], self.owner(step), BLOCK_TAG)
 
     def send_home(self, step: int, parts: list, expected: list) -> tuple[list, list]:
         """Post sends of `parts`, this rank's partial gradients for the block it visited at
@@ -103,17 +128,51 @@ def wait(requests: list) -> None:
         request.wait()
 
 
-def ring_visit(ring: Ring, local: torch.Tensor, visit: Callable[[int, torch.Tensor], None]) -> None:
-    """Call `visit(owner, block)` once for every rank's block, the local one first."""
+def _passed_on(ring: Ring, local: torch.Tensor):
+    """`(owner, block)` at every step of the neighbour walk, the local block first; the caller
+    is done with each block before it asks for the next."""
     current = local
     for step in range(ring.size):
         last = step == ring.size - 1
         if not last:
             incoming, pending = ring.exchange(current, BLOCK_TAG)
-        visit(ring.owner(step), current)
+        yield ring.owner(step), current
         if not last:
             wait(pending)
             current = incoming
+
+
+def _fetched(ring: Ring, local: torch.Tensor):
+    """`(owner, block)` at every step of the direct walk, the local block first. The fetch of
+    step s + BLOCKS_IN_FLIGHT is posted when the block of step s is asked for, after the
+    caller's work on step s - 1 was queued."""
+    in_flight = collections.deque()
+
+    def post(step: int) -> None:
+        if step < ring.size:
+            in_flight.append(ring.fetch(step, local))
+
+    for step in range(1, BLOCKS_IN_FLIGHT + 1):
+        post(step)
+    yield ring.owner(0), local
+    for step in range(1, ring.size):
+        block, pending = in_flight.popleft()
+        post(step + BLOCKS_IN_FLIGHT)
+        wait(pending)
+        yield ring.owner(step), block
+
+
+def _walk(ring: Ring, local: torch.Tensor, schedule: str):
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: use one of {SCHEDULES}")
+    return _fetched(ring, local) if schedule == "direct" else _passed_on(ring, local)
+
+
+def ring_visit(ring: Ring, local: torch.Tensor, visit: Callable[[int, torch.Tensor], None], *, schedule: str = "direct") -> None:
+    """Call `visit(owner, block)` once for every rank's block, the local one first, in the walk
+    of `schedule` (`SCHEDULES`)."""
+    for owner, block in _walk(ring, local, schedule):
+        visit(owner, block)
 
 
 def ring_visit_sending_home(
@@ -123,25 +182,21 @@ def ring_visit_sending_home(
     expected: Callable[[int], list],
     arrived: Callable[[list], None],
 ) -> None:
-    """Like `ring_visit`; `visit(owner, block)` returns this rank's partial gradients for the
-    owner's block as parts `(rows, tensors)` (see `Ring.send_home`). The own block's parts go to
-    `arrived(parts)` at once; the others are sent to their owner, and what the other ranks
-    computed for this rank's block (`expected(visitor)`: empty parts shaped as what rank
+    """Like the direct `ring_visit`; `visit(owner, block)` returns this rank's partial gradients
+    for the owner's block as parts `(rows, tensors)` (see `Ring.send_home`). The own block's
+    parts go to `arrived(parts)` at once; the others are sent to their owner, and what the other
+    ranks computed for this rank's block (`expected(visitor)`: empty parts shaped as what rank
     `visitor` sends) goes to `arrived` one step after it was posted, so waiting for it never
     holds up the block compute queued before the wait."""
-    current, in_flight = local, None
+    in_flight = None
 
     def land() -> None:
         received, pending, _sent = in_flight
         wait(pending)
         arrived(received)
 
-    for step in range(ring.size):
-        last = step == ring.size - 1
-        if not last:
-            incoming, pending = ring.exchange(current, BLOCK_TAG)
-        owner = ring.owner(step)
-        parts = visit(owner, current)
+    for step, (owner, block) in enumerate(_fetched(ring, local)):
+        parts = visit(owner, block)
         if in_flight is not None:
             land()
             in_flight = None
@@ -150,9 +205,6 @@ def ring_visit_sending_home(
         else:
             # The sent parts stay referenced until their requests are waited on.
             in_flight = (*ring.send_home(step, parts, expected(ring.visitor(step))), parts)
-        if not last:
-            wait(pending)
-            current = incoming
     if in_flight is not None:
         land()
 
@@ -163,12 +215,12 @@ def ring_visit_and_reduce(
     visit: Callable[[int, torch.Tensor, Callable[[], torch.Tensor | None]], torch.Tensor | None],
     zeros: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
-    """Like `ring_visit`, but `visit(owner, block, arrived)` adds this rank's partial gradient
-    for the owner's block and returns the buffer to pass on. `arrived()` waits for and returns
-    the partials of the ranks that visited the block before (None at the first step, when
-    nothing has arrived yet): the visit adds into it in place, or returns a fresh buffer shaped
-    like `zeros()` if it got None, or returns None when it adds nothing. Returns the sum over
-    all ranks of the partials for the local block.
+    """Like the neighbour `ring_visit`, but `visit(owner, block, arrived)` adds this rank's
+    partial gradient for the owner's block and returns the buffer to pass on. `arrived()` waits
+    for and returns the partials of the ranks that visited the block before (None at the first
+    step, when nothing has arrived yet): the visit adds into it in place, or returns a fresh
+    buffer shaped like `zeros()` if it got None, or returns None when it adds nothing. Returns
+    the sum over all ranks of the partials for the local block.
 
     Adding into the arrived buffer, rather than summing a partial of one's own into it, saves
     two passes over a float32 tensor the size of the block per step: the zero fill and the sum.

@@ -56,7 +56,8 @@ def rsa_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks):
         if masks is not None:
             block.masked_fill_(~masks[owner][:, None, None, None, :], float("-inf"))
 
-    ring_visit(ring, k.contiguous(), fill_scores)
+    # The paper's ring: each rank passes on the block it received.
+    ring_visit(ring, k.contiguous(), fill_scores, schedule="neighbour")
     probs = torch.softmax(scores, dim=-1)
     # A row whose keys are all masked has no softmax; it attends to nothing (zeros), like SDPA.
     probs.masked_fill_(torch.isneginf(scores.amax(-1, keepdim=True)), 0.0)
@@ -66,7 +67,7 @@ def rsa_forward(q, k, v, ring: Ring, *, causal, scale, layout, masks):
     def add_values(owner: int, value: torch.Tensor) -> None:
         out.add_(torch.matmul(probs[..., _columns(owner, local_len)], value.to(acc).unsqueeze(2)))
 
-    ring_visit(ring, v.contiguous(), add_values)
+    ring_visit(ring, v.contiguous(), add_values, schedule="neighbour")
     return out.reshape(q.shape).to(q.dtype), probs
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_sending_home
+from lightning_seqpar.ops import _comm
+from lightning_seqpar.ops._comm import SCHEDULES, Ring, ring_visit, ring_visit_sending_home
 
 
 def parts_plan(visitor: int, owner: int) -> list[slice]:
@@ -65,12 +66,21 @@ def test_partials_reach_their_owner_with_their_rows(process_pools, world_size):
         assert received == want_received(owner, world_size)
 
 
-def visit_order(subgroups: list[list[int]]) -> tuple[int, list]:
+def visit_order(subgroups: list[list[int]] | None, schedule: str) -> tuple[int, list]:
     """This rank's group rank and the blocks it saw, by owner, in a walk of its group's ring."""
     ring = Ring(my_group(subgroups))
     seen = []
-    ring_visit(ring, torch.full((3,), 10.0 * dist.get_rank()), lambda owner, block: seen.append((owner, block.tolist())))
+    ring_visit(ring, torch.full((3,), 10.0 * dist.get_rank()), lambda owner, block: seen.append((owner, block.tolist())),
+               schedule=schedule)
     return ring.rank, seen
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_every_block_visits_every_rank_once(process_pools, world_size, schedule):
+    for rank, (group_rank, seen) in enumerate(process_pools(world_size).run_ok(visit_order, None, schedule)):
+        assert group_rank == rank
+        assert seen == [((rank - s) % world_size, [10.0 * ((rank - s) % world_size)] * 3) for s in range(world_size)]
 
 
 # Group ranks (the order of the listed world ranks) differ from world ranks in every group of
@@ -78,11 +88,12 @@ def visit_order(subgroups: list[list[int]]) -> tuple[int, list]:
 SUBGROUPS = {3: [[0], [1, 2]], 4: [[0, 2], [1, 3]]}
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("world_size", [3, 4])
-def test_walks_stay_inside_a_subgroup_in_its_rank_order(process_pools, world_size):
+def test_walks_stay_inside_a_subgroup_in_its_rank_order(process_pools, world_size, schedule):
     subgroups = SUBGROUPS[world_size]
     pool = process_pools(world_size)
-    for world_rank, (group_rank, seen) in enumerate(pool.run_ok(visit_order, subgroups)):
+    for world_rank, (group_rank, seen) in enumerate(pool.run_ok(visit_order, subgroups, schedule)):
         members = next(ranks for ranks in subgroups if world_rank in ranks)
         assert members[group_rank] == world_rank
         steps = range(len(members))
@@ -98,3 +109,45 @@ def test_owner_and_visitor_are_inverse_steps():
     ring.rank, ring.size = 1, 4
     assert [ring.owner(s) for s in range(4)] == [1, 0, 3, 2]
     assert [ring.visitor(s) for s in range(4)] == [1, 2, 3, 0]
+
+
+class _LoggedRing(Ring):
+    """A ring of `size` ranks without a process group that logs when each fetch is posted and
+    waited on; a fetch "receives" its owner's number."""
+
+    def __init__(self, rank: int, size: int, log: list):
+        super().__init__()
+        self.rank, self.size, self.log = rank, size, log
+
+    def fetch(self, step, local):
+        self.log.append(f"post {step}")
+        log = self.log
+
+        class Request:
+            def wait(self):
+                log.append(f"wait {step}")
+
+        return torch.full_like(local, float(self.owner(step))), [Request()]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 6])
+def test_direct_walk_posts_each_fetch_blocks_in_flight_steps_ahead(size):
+    """The fetch of step s + BLOCKS_IN_FLIGHT is posted before the wait for step s and after the
+    visit of step s - 1 (so on CUDA it waits for no compute but what was queued before it), and
+    every fetch is waited on before its block is used."""
+    log = []
+    ring = _LoggedRing(rank=1 % size, size=size, log=log)
+    ring_visit(ring, torch.zeros(2), lambda owner, block: log.append(f"visit {owner}:{block[0].item():g}"))
+    ahead = _comm.BLOCKS_IN_FLIGHT
+    want = [f"post {s}" for s in range(1, min(ahead, size - 1) + 1)] + [f"visit {ring.rank}:0"]
+    for step in range(1, size):
+        if step + ahead < size:
+            want.append(f"post {step + ahead}")
+        owner = ring.owner(step)
+        want += [f"wait {step}", f"visit {owner}:{owner}"]
+    assert log == want
+
+
+def test_an_unknown_schedule_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="'direct', 'neighbour'"):
+        ring_visit(Ring(), torch.zeros(2), lambda owner, block: None, schedule="tree")
