@@ -8,6 +8,7 @@ once, divided by the transfer kernels' total time.
 
     python benchmarks/trace.py --tokens 8192
     python benchmarks/trace.py --tokens 4096 --causal --forward-only --cuda-graphs   # a replay
+    python benchmarks/trace.py --tokens 4096 --causal --forward-only --cuda-graphs --calls 4   # and between replays
 
 Writes benchmarks/results/trace_ring_<tokens>.json (Chrome trace, open in Perfetto) and
 benchmarks/results/trace_<device>.json (the summary).
@@ -79,7 +80,11 @@ def main():
     parser.add_argument("--trace-out", type=Path, help="where the Chrome trace goes (default: results/trace_ring_<tokens>.json)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="trace a replay from CUDA graphs (set_cuda_graphs; the warm-up steps run eagerly, then capture)")
+    parser.add_argument("--calls", type=int, default=1,
+                        help="steps traced back to back, with no sync between them: what lies between two calls")
     a = parser.parse_args()
+    if a.calls < 1:
+        parser.error("--calls must be at least 1")
     apply_transfer_args(a)
     set_cuda_graphs(a.cuda_graphs)
     if not torch.cuda.is_available():
@@ -96,7 +101,8 @@ def main():
             step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step()
+            for _ in range(a.calls):
+                step()
             torch.cuda.synchronize()
     trace = a.trace_out or RESULTS / f"trace_ring_{a.tokens}.json"
     trace.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +110,8 @@ def main():
     summary = overlap_summary(trace)
     print(f"# {card('cuda')} | torch {torch.__version__} | {a.heads} x {a.head_dim} bf16 | N = {a.world_size} | "
           f"{a.tokens} tokens per rank | {'causal zigzag' if a.causal else 'non-causal'} | "
-          f"{'forward' if a.forward_only else 'forward + backward'}{' | replayed from CUDA graphs' if a.cuda_graphs else ''}")
+          f"{'forward' if a.forward_only else 'forward + backward'}{' | replayed from CUDA graphs' if a.cuda_graphs else ''}"
+          f"{f' | {a.calls} calls back to back' if a.calls > 1 else ''}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     print(f"compute stream busy {summary['compute_stream_us'] / 1e3:.2f} ms of its {summary['compute_span_us'] / 1e3:.2f} ms "
           f"from first kernel to last; transfers {summary['transfer_us'] / 1e3:.2f} ms, "
