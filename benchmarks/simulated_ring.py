@@ -41,8 +41,8 @@ def fake_group(rank: int, world_size: int):
 
 
 class _StreamWork:
-    """What `Ring.exchange` and `Ring.fetch` return for a simulated transfer: waiting makes the compute stream
-    wait for the copy, as waiting on an NCCL request does."""
+    """What `Ring.exchange` and `Ring.fetch` return for a simulated transfer: waiting makes the
+    compute stream wait for the copy, as waiting on an NCCL request does."""
 
     def __init__(self, event):
         self.event = event
@@ -225,8 +225,8 @@ def every_rank_holds_mine():
         return partials.sum(0)
 
     (_comm.Ring.exchange, _comm.Ring.fetch, _comm.Ring.send_home, _common.all_gather_rows,
-     allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads) = (exchange, fetch, send_home, gather, gather_kv,
-                                                                               reduce_scatter)
+     allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads) = (
+        exchange, fetch, send_home, gather, gather_kv, reduce_scatter)
     # Through NCCL the simulated transfers are capturable, as the ring's are.
     capturable = _transfer == "nccl"
     if capturable:

@@ -19,8 +19,11 @@ compute queued before it is done (NCCL's stream waits for the poster's), and its
 SMs only as the next block kernel's blocks retire. Posted one step ahead, each transfer then
 ends a little after the block it overlaps, and the next block waits for it at every step
 (0.25 ms of a 2.10 ms forward at 4K tokens per rank, causal, in an H100 trace). Two steps
-ahead, it has a whole block's time to spare. A neighbour ring cannot post two steps ahead: the
-second block is not there until the first has arrived.
+ahead, it has a whole block's time to spare, once the walk's first transfer gets its SMs
+before the first block kernel does: that is a race, which a replay of the 4K forward on an
+H100 won every other time (results/direct_walk_before_after.txt); a replay that loses it
+waits as before. A neighbour ring cannot post two steps ahead: the second block is not there
+until the first has arrived.
 
 Sending home moves fewer bytes than a travelling sum: a partial goes once, in bf16 where the
 kernel returns bf16, where a travelling float32 sum goes N times at twice the width and is read
@@ -45,12 +48,13 @@ GRAD_TAG = 1
 
 SCHEDULES = ("direct", "neighbour")
 # Blocks of the direct walk in flight ahead of the one being used: one more K/V block in
-# memory than the neighbour ring holds, for a transfer that never holds up the next block.
+# memory than the neighbour ring holds, so that a transfer has a whole step to land in.
 BLOCKS_IN_FLIGHT = 2
 
 
 class Ring:
-    """Send to rank+1 and receive from rank-1 of `group` (default: the world).
+    """Sends to and receives from the ranks of `group` (default: the world), by group rank:
+    the neighbours (`exchange`) or the ranks a walk's step away (`fetch`, `send_home`).
     `process_group` is the group itself (the world's for None; None without a process group)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
@@ -168,7 +172,9 @@ def _walk(ring: Ring, local: torch.Tensor, schedule: str):
     return _fetched(ring, local) if schedule == "direct" else _passed_on(ring, local)
 
 
-def ring_visit(ring: Ring, local: torch.Tensor, visit: Callable[[int, torch.Tensor], None], *, schedule: str = "direct") -> None:
+def ring_visit(
+    ring: Ring, local: torch.Tensor, visit: Callable[[int, torch.Tensor], None], *, schedule: str = "direct"
+) -> None:
     """Call `visit(owner, block)` once for every rank's block, the local one first, in the walk
     of `schedule` (`SCHEDULES`)."""
     for owner, block in _walk(ring, local, schedule):

@@ -3,11 +3,11 @@
 Each rank keeps its queries; every rank's key/value block visits every rank, fetched straight
 from its owner two steps before it is used (`_comm.ring_visit`'s direct walk). At every step
 one fused block kernel returns (out_b, lse_b) for the visiting block, and the blocks' results
-are merged in float32 (a few at a time: `_merge.MergedOutput`). The backward walks the ring again: each
-block's gradient is computed from the *global* out and lse, dQ accumulates at home, and each
-rank's dK/dV partials for the visiting block are sent straight to its owner, which sums them
-a few at a time (`_merge.SummedRows`; `_comm.ring_visit_sending_home`). No tensor spans
-L_local x L.
+are merged in float32 (a few at a time: `_merge.MergedOutput`). The backward walks the ring
+again: each block's gradient is computed from the *global* out and lse, dQ accumulates at
+home, and each rank's dK/dV partials for the visiting block are sent straight to its owner,
+which sums them a few at a time (`_merge.SummedRows`; `_comm.ring_visit_sending_home`). No
+tensor spans L_local x L.
 """
 
 from __future__ import annotations
