@@ -199,8 +199,6 @@ def every_rank_holds_mine():
     the rows they cover), and the all-gather op's reduce-scatter returns the sum of this rank's
     partials for every rank's chunk: with all chunks equal, both give the gradient of the one
     chunk they all are, summed over this rank's visits (see `check_rank`'s dk)."""
-    originals = (_comm.Ring.exchange, _comm.Ring.fetch, _comm.Ring.send_home, _common.all_gather_rows,
-                 allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads)
 
     def exchange(self, send, tag):
         return _simulated_transfer(send)
@@ -224,9 +222,15 @@ def every_rank_holds_mine():
     def reduce_scatter(partials, ring):
         return partials.sum(0)
 
-    (_comm.Ring.exchange, _comm.Ring.fetch, _comm.Ring.send_home, _common.all_gather_rows,
-     allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads) = (
-        exchange, fetch, send_home, gather, gather_kv, reduce_scatter)
+    # (owner, attribute) -> its stand-in, patched in and restored from this one table.
+    stand_ins = {
+        (_comm.Ring, "exchange"): exchange, (_comm.Ring, "fetch"): fetch, (_comm.Ring, "send_home"): send_home,
+        (_common, "all_gather_rows"): gather, (allgather_module, "all_gather_kv"): gather_kv,
+        (allgather_module, "reduce_scatter_grads"): reduce_scatter,
+    }
+    originals = {target: getattr(*target) for target in stand_ins}
+    for (owner, name), stand_in in stand_ins.items():
+        setattr(owner, name, stand_in)
     # Through NCCL the simulated transfers are capturable, as the ring's are.
     capturable = _transfer == "nccl"
     if capturable:
@@ -234,8 +238,8 @@ def every_rank_holds_mine():
     try:
         yield
     finally:
-        (_comm.Ring.exchange, _comm.Ring.fetch, _comm.Ring.send_home, _common.all_gather_rows,
-         allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads) = originals
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
         if capturable:
             _graphs.CAPTURABLE_BACKENDS.discard("fake")
 
