@@ -41,7 +41,7 @@ def fake_group(rank: int, world_size: int):
 
 
 class _StreamWork:
-    """What `Ring.exchange` and `Ring.fetch` return for a simulated transfer: waiting makes the
+    """The pending work of a simulated transfer (`Ring.exchange`, `Ring.fetch`): waiting makes the
     compute stream wait for the copy, as waiting on an NCCL request does."""
 
     def __init__(self, event):
@@ -116,21 +116,20 @@ def _kernel_copy():
             inside = offsets < n
             tl.store(dst + offsets, tl.load(src + offsets, mask=inside), mask=inside)
 
-    def copy(send: torch.Tensor) -> torch.Tensor:
-        recv = torch.empty_like(send)
+    def copy(send: torch.Tensor, recv: torch.Tensor) -> None:
         words_in, words_out = send.view(-1).view(torch.int32), recv.view(-1).view(torch.int32)
         copy_kernel[(COPY_PROGRAMS,)](words_in, words_out, words_in.numel(), BLOCK=4096, num_warps=8)
-        return recv
 
     return copy
 
 
-def _copy(send: torch.Tensor) -> torch.Tensor:
-    if _transfer == "kernel" and send.is_contiguous() and (send.numel() * send.element_size()) % 4 == 0:
+def _copy(send: torch.Tensor, recv: torch.Tensor) -> None:
+    if _transfer == "kernel" and (send.numel() * send.element_size()) % 4 == 0:
         copy = _kernel_copy()
         if copy is not None:
-            return copy(send)
-    return send.clone()
+            copy(send, recv)
+            return
+    recv.copy_(send)
 
 
 @functools.cache
@@ -150,12 +149,11 @@ def _shut_down(backend) -> None:
     (getattr(backend, "shutdown", None) or backend._shutdown)()
 
 
-def _nccl_transfer(sends: list[torch.Tensor]):
-    """`sends` through NCCL to this process: coalesced sends and receives, as one call of
-    `Ring._post` in the ring posts them; waiting on the returned work makes the current
+def _nccl_transfer(sends: list[torch.Tensor], recvs: list[torch.Tensor]):
+    """`sends` through NCCL to this process, into `recvs`: coalesced sends and receives, as one
+    call of `Ring._post` in the ring posts them; waiting on the returned work makes the current
     stream wait for NCCL's stream."""
     nccl = _nccl_to_self(sends[0].device, _comm_priority)
-    recvs = [torch.empty_like(send) for send in sends]
     nccl._start_coalescing()
     for send, recv in zip(sends, recvs):
         nccl.send([send], 0, 0)
@@ -163,20 +161,27 @@ def _nccl_transfer(sends: list[torch.Tensor]):
     return recvs, [nccl._end_coalescing()]
 
 
-def _simulated_transfers(sends: list[torch.Tensor]):
-    """The received tensors: copies of `sends` (contiguous, as a send takes them), and the
-    pending work. On CUDA the copies run on a side stream, like NCCL's kernels (or are NCCL's,
-    in the "nccl" mode), so they overlap the block compute exactly where a real transfer
-    could."""
+def _simulated_transfers(sends: list[torch.Tensor], recvs: list[torch.Tensor] | None = None):
+    """The received tensors: copies of `sends` (contiguous, as a send takes them) into `recvs`
+    (default: new tensors), and the pending work. On CUDA the copies run on a side stream, like
+    NCCL's kernels (or are NCCL's, in the "nccl" mode), so they overlap the block compute
+    exactly where a real transfer could."""
     sends = [send.contiguous() for send in sends]
+    if recvs is None:
+        recvs = [torch.empty_like(send) for send in sends]
+    if not sends:
+        return recvs, []
     if not sends[0].is_cuda:
-        return [send.clone() for send in sends], []
+        for send, recv in zip(sends, recvs):
+            recv.copy_(send)
+        return recvs, []
     if _transfer == "nccl":
-        return _nccl_transfer(sends)
+        return _nccl_transfer(sends, recvs)
     stream = _COPY_STREAMS.setdefault(sends[0].device, torch.cuda.Stream(sends[0].device))
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        recvs = [_copy(send) for send in sends]
+        for send, recv in zip(sends, recvs):
+            _copy(send, recv)
         event = torch.cuda.Event()
         event.record(stream)
     for send, recv in zip(sends, recvs):
@@ -186,14 +191,15 @@ def _simulated_transfers(sends: list[torch.Tensor]):
 
 
 def _simulated_transfer(send: torch.Tensor):
-    """One simulated transfer of `send`: what `Ring.exchange` and `Ring.fetch` return."""
+    """One simulated transfer of `send`: what `Ring.exchange` returns."""
     recvs, pending = _simulated_transfers([send])
     return recvs[0], pending
 
 
 @contextlib.contextmanager
 def every_rank_holds_mine():
-    """Every rank's K/V chunk equals this rank's: ring exchanges return what was sent, and the
+    """Every rank's K/V chunk equals this rank's: ring exchanges and fetches return what was sent
+    (the visitor of this rank's block is this rank), and the
     all-gathers (of key padding masks, and of K/V in the all-gather op) return this rank's part
     once per rank. Partial gradients sent home come back to this rank as the parts it sent (with
     the rows they cover), and the all-gather op's reduce-scatter returns the sum of this rank's
@@ -203,8 +209,14 @@ def every_rank_holds_mine():
     def exchange(self, send, tag):
         return _simulated_transfer(send)
 
-    def fetch(self, step, local):
-        return _simulated_transfer(local)
+    def fetch(self, step, sends, recvs):
+        return _simulated_transfers(sends, recvs)[1]
+
+    def visitor(self, step):
+        # The rank that visits this rank's block reads it as this rank reads the blocks it
+        # visits, all of them being this rank's: so what the ring attention's backward sends
+        # (the rows its visitor reads) is what it receives, row for row.
+        return self.rank
 
     def send_home(self, step, parts, expected):
         if not parts:
@@ -225,6 +237,7 @@ def every_rank_holds_mine():
     # (owner, attribute) -> its stand-in, patched in and restored from this one table.
     stand_ins = {
         (_comm.Ring, "exchange"): exchange, (_comm.Ring, "fetch"): fetch, (_comm.Ring, "send_home"): send_home,
+        (_comm.Ring, "visitor"): visitor,
         (_common, "all_gather_rows"): gather, (allgather_module, "all_gather_kv"): gather_kv,
         (allgather_module, "reduce_scatter_grads"): reduce_scatter,
     }

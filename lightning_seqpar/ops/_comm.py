@@ -7,9 +7,10 @@ attention algorithms are built from.
     next block can be in flight;
   - "direct": at step s each rank sends its own block to the rank s after it and receives the
     block of the rank s before it, so `BLOCKS_IN_FLIGHT` blocks can be in flight at once.
-- `ring_visit_sending_home`: the direct walk, and each visit's partial gradients for the
-  visiting block are sent straight to the block's owner, in the kernel's dtype, while the next
-  block computes; the owner sums what arrives. How the ring attention's dK/dV get home.
+- `ring_visit_sending_home`: the direct walk in visits of one or more blocks (`step_groups`),
+  each received where the visit wants it, and each visit's partial gradients for the visiting
+  blocks are sent straight to their owners, in the kernel's dtype, while the next visit
+  computes; the owner sums what arrives. How the ring attention's dK/dV get home.
 - `ring_visit_and_reduce`: the neighbour walk, and each visit adds a partial gradient for the
   visiting block's owner into a buffer that travels behind the block; it arrives home summed
   after one more hop (the paper's RSA, whose partials are float32 sums anyway).
@@ -81,12 +82,12 @@ class Ring:
         recv = torch.empty_like(send)
         return recv, self._post([send], self.visitor(1), [recv], self.owner(1), tag)
 
-    def fetch(self, step: int, local: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Post send of `local`, this rank's block, to the rank that visits it at `step`, and a
-        receive of the block this rank visits at `step`, shaped as `local`; returns the receive
-        buffer (valid after `wait`) and the pending requests."""
-        recv = torch.empty_like(local)
-        return recv, self._post([local], self.visitor(step), [recv], self.owner(step), BLOCK_TAG)
+    def fetch(self, step: int, sends: list, recvs: list) -> list:
+        """Post sends of `sends`, rows of this rank's block, to the rank that visits it at
+        `step`, and receives of rows of the block this rank visits at `step` into `recvs`,
+        buffers shaped as what its owner sends (each contiguous, anywhere: a visit may want two
+        blocks side by side); returns the pending requests."""
+        return self._post(sends, self.visitor(step), recvs, self.owner(step), BLOCK_TAG)
 
     def send_home(self, step: int, parts: list, expected: list) -> tuple[list, list]:
         """Post sends of `parts`, this rank's partial gradients for the block it visited at
@@ -146,24 +147,53 @@ def _passed_on(ring: Ring, local: torch.Tensor):
             current = incoming
 
 
-def _fetched(ring: Ring, local: torch.Tensor):
-    """`(owner, block)` at every step of the direct walk, the local block first. The fetch of
-    step s + BLOCKS_IN_FLIGHT is posted when the block of step s is asked for, after the
-    caller's work on step s - 1 was queued."""
+def step_groups(size: int, steps_per_visit: int) -> tuple[tuple[int, ...], ...]:
+    """The steps of a walk of `size` ranks as its visits see them: the own block alone, then
+    `steps_per_visit` consecutive steps at a time (fewer in the last visit). The same on every
+    rank, so every rank posts its transfers in the same order."""
+    if steps_per_visit < 1:
+        raise ValueError(f"steps_per_visit must be at least 1, got {steps_per_visit}")
+    return ((0,),) + tuple(tuple(range(s, min(s + steps_per_visit, size))) for s in range(1, size, steps_per_visit))
+
+
+def _fetched_together(ring: Ring, send: Callable, receive: Callable, steps_per_visit: int):
+    """`(steps, buffer)` for every visit of `step_groups` of the direct walk, the own block first
+    (its buffer None: the caller holds it). `send(step)` gives the tensors of this rank's block
+    to send at `step` (to the rank that visits it then); `receive(steps)` gives
+    `(buffer, recvs)`: recvs[i] the tensors, shaped as what the owner of step steps[i] sends,
+    into which its block lands, and buffer what the visit is handed once they all have. A visit's fetches are posted when the
+    visit BLOCKS_IN_FLIGHT blocks (at least one visit) before it is asked for, after the
+    caller's work on the visit before that was queued."""
+    groups = step_groups(ring.size, steps_per_visit)
+    ahead = max(1, -(-BLOCKS_IN_FLIGHT // steps_per_visit))
     in_flight = collections.deque()
 
-    def post(step: int) -> None:
-        if step < ring.size:
-            in_flight.append(ring.fetch(step, local))
+    def post(visit: int) -> None:
+        if visit < len(groups):
+            buffer, recvs = receive(groups[visit])
+            pending = [req for step, into in zip(groups[visit], recvs) for req in ring.fetch(step, send(step), into)]
+            in_flight.append((buffer, pending))
 
-    for step in range(1, BLOCKS_IN_FLIGHT + 1):
-        post(step)
-    yield ring.owner(0), local
-    for step in range(1, ring.size):
-        block, pending = in_flight.popleft()
-        post(step + BLOCKS_IN_FLIGHT)
+    for visit in range(1, ahead + 1):
+        post(visit)
+    yield groups[0], None
+    for visit in range(1, len(groups)):
+        buffer, pending = in_flight.popleft()
+        post(visit + ahead)
         wait(pending)
-        yield ring.owner(step), block
+        yield groups[visit], buffer
+
+
+def _fetched(ring: Ring, local: torch.Tensor):
+    """`(owner, block)` at every step of the direct walk, one block per visit, the local block
+    first; the caller is done with each block before it asks for the next."""
+
+    def receive(steps):
+        block = torch.empty_like(local)
+        return block, [[block]]
+
+    for (step,), block in _fetched_together(ring, lambda step: [local], receive, 1):
+        yield ring.owner(step), local if block is None else block
 
 
 def _walk(ring: Ring, local: torch.Tensor, schedule: str):
@@ -183,36 +213,41 @@ def ring_visit(
 
 def ring_visit_sending_home(
     ring: Ring,
-    local: torch.Tensor,
-    visit: Callable[[int, torch.Tensor], list],
-    expected: Callable[[int], list],
+    send: Callable[[int], list],
+    receive: Callable[[tuple], tuple],
+    visit: Callable[[tuple, object], list],
+    expected: Callable[[int, int], list],
     arrived: Callable[[list], None],
+    *,
+    steps_per_visit: int = 1,
 ) -> None:
-    """Like the direct `ring_visit`; `visit(owner, block)` returns this rank's partial gradients
-    for the owner's block as parts `(rows, tensors)` (see `Ring.send_home`). The own block's
-    parts go to `arrived(parts)` at once; the others are sent to their owner, and what the other
-    ranks computed for this rank's block (`expected(visitor)`: empty parts shaped as what rank
-    `visitor` sends) goes to `arrived` one step after it was posted, so waiting for it never
-    holds up the block compute queued before the wait."""
-    in_flight = None
+    """The direct walk in visits of `steps_per_visit` blocks (`step_groups`; `send` and
+    `receive` as `_fetched_together` takes them). `visit(steps, buffer)` returns, for each of
+    `steps`, this rank's partial gradients for that step's block as parts `(rows, tensors)` (see
+    `Ring.send_home`); buffer is None for the own block, which the caller holds. The own
+    block's parts go to `arrived(parts)` at once; the others are sent to their owner, and what
+    the other ranks computed for this rank's block (`expected(visitor, step)`: empty parts
+    shaped as what rank `visitor` sends at `step`) goes to `arrived` one visit after it was
+    posted, so waiting for it never holds up the block compute queued before the wait."""
+    in_flight = []
 
     def land() -> None:
-        received, pending, _sent = in_flight
-        wait(pending)
-        arrived(received)
+        for received, pending, _sent in in_flight:
+            wait(pending)
+            arrived(received)
+        in_flight.clear()
 
-    for step, (owner, block) in enumerate(_fetched(ring, local)):
-        parts = visit(owner, block)
-        if in_flight is not None:
-            land()
-            in_flight = None
-        if owner == ring.rank:
-            arrived(parts)
-        else:
-            # The sent parts stay referenced until their requests are waited on.
-            in_flight = (*ring.send_home(step, parts, expected(ring.visitor(step))), parts)
-    if in_flight is not None:
+    for steps, buffer in _fetched_together(ring, send, receive, steps_per_visit):
+        parts_by_step = visit(steps, buffer)
         land()
+        for step, parts in zip(steps, parts_by_step):
+            if step == 0:
+                arrived(parts)
+            else:
+                visitor = ring.visitor(step)
+                # The sent parts stay referenced until their requests are waited on.
+                in_flight.append((*ring.send_home(step, parts, expected(visitor, step)), parts))
+    land()
 
 
 def ring_visit_and_reduce(

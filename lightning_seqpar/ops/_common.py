@@ -68,8 +68,10 @@ def reduce_heads(dx: torch.Tensor, groups: int) -> torch.Tensor:
     """Gradient of `expand_heads`: sum the query heads that shared one K/V head."""
     if groups == 1:
         return dx
+    # reshape: a view for any layout whose heads are evenly strided (the ring's backward hands
+    # sequence-major gradients here).
     b, h, length, d = dx.shape
-    return dx.view(b, h // groups, groups, length, d).sum(2)
+    return dx.reshape(b, h // groups, groups, length, d).sum(2)
 
 
 def lse_attention_function(name: str, gather_masks, forward, backward) -> type[torch.autograd.Function]:

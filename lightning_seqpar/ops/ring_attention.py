@@ -4,10 +4,11 @@ Each rank keeps its queries; every rank's key/value block visits every rank, fet
 from its owner two steps before it is used (`_comm.ring_visit`'s direct walk). At every step
 one fused block kernel returns (out_b, lse_b) for the visiting block, and the blocks' results
 are merged in float32 (a few at a time: `_merge.MergedOutput`). The backward walks the ring
-again: each block's gradient is computed from the *global* out and lse, dQ accumulates at
-home, and each rank's dK/dV partials for the visiting block are sent straight to its owner,
-which sums them a few at a time (`_merge.SummedRows`; `_comm.ring_visit_sending_home`). No
-tensor spans L_local x L.
+again, two blocks per visit (`BLOCKS_PER_BACKWARD_CALL`), each owner sending only the rows its
+visitor reads, into one buffer where one block call can read both: each block's gradient is
+computed from the *global* out and lse, dQ accumulates at home, and each rank's dK/dV partials
+for the visiting blocks are sent straight to their owners, which sum them a few at a time
+(`_merge.SummedRows`; `_comm.ring_visit_sending_home`). No tensor spans L_local x L.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import functools
 import torch
 
 from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
-from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_sending_home
+from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_sending_home, step_groups
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads, stack_kv
 from lightning_seqpar.ops._graphs import graphed
 from lightning_seqpar.ops._kernels import block_grad_dtype, head_expansion, select_block_kernel
 from lightning_seqpar.ops._merge import MergedOutput, SummedRows
-from lightning_seqpar.ops._pieces import causal_step_tasks
+from lightning_seqpar.ops._pieces import causal_step_tasks, visit_plan
 
 @functools.lru_cache(maxsize=4096)
 def _step_tasks(rank: int, owner: int, size: int, local_len: int, layout: str, causal: bool) -> tuple:
@@ -59,6 +60,44 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
     return out, lse
 
 
+# Blocks that one backward visit gives to one block call where their key rows allow (see
+# `_pieces.visit_plan`). A block kernel's backward spends a fixed share of every call on the
+# query rows (their dO.O and the float32 dQ it accumulates); with two 4K blocks in one call the
+# backward took 6-9% less time than two calls, at 8K 2-3% (H200, 2026-11-26,
+# benchmarks/diagnostics/pair_layouts.py). The price: one more K/V block in flight, and one more
+# block's dK/dV waiting to be sent.
+BLOCKS_PER_BACKWARD_CALL = 2
+
+
+@functools.lru_cache(maxsize=4096)
+def _visit_plan(rank: int, steps: tuple, size: int, local_len: int, layout: str, causal: bool) -> tuple:
+    return visit_plan(rank, steps, size, local_len, layout, causal)
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_segments(reader: int, step: int, size: int, local_len: int, layout: str, causal: bool, per_visit: int) -> tuple:
+    """The segments of the block of `step` that `reader` reads, in the order it reads them."""
+    steps = next(g for g in step_groups(size, per_visit) if step in g)
+    block = steps.index(step)
+    calls = _visit_plan(reader, steps, size, local_len, layout, causal)[1]
+    return tuple(seg for call in calls for seg in call.segments if seg.block == block)
+
+
+def sequence_major(x: torch.Tensor) -> torch.Tensor:
+    """`[B, H, L, D]` as `[L, B, H, D]` (a view): how K/V and their gradients travel in the
+    backward, so that any range of rows is one contiguous piece of memory."""
+    return x.permute(2, 0, 1, 3)
+
+
+def from_sequence_major(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(1, 2, 0, 3)
+
+
+def row_view_0(x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows of a sequence-major tensor, as a view."""
+    return x.narrow(0, rows.start, rows.stop - rows.start)
+
+
 def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causal, scale, layout):
     local_len = q.size(2)
     kernel = select_block_kernel(q, masks is not None)
@@ -68,36 +107,71 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
     wire = block_grad_dtype(kernel, q.dtype)
     dq, dk, dv = SummedRows(q, kernel), SummedRows(k, kernel), SummedRows(v, kernel)
     q_rows, lse_rows, dout_rows, out_rows = backward_rows(kernel, q, lse, dout, out)
+    # This rank's K and V sequence-major: any range of rows is one contiguous piece to send,
+    # and a visit's buffer holds its blocks' rows in the order of its plan
+    # (`_pieces.visit_plan`); the kernels read K/V rows of it as views and return dK/dV laid out
+    # as K/V, so that a block's rows of them are sent home without a copy.
+    local = torch.empty((2, local_len, *k.shape[:2], k.size(3)), dtype=k.dtype, device=k.device)
+    local[0].copy_(sequence_major(k))
+    local[1].copy_(sequence_major(v))
 
-    def visit(owner: int, kv: torch.Tensor) -> list:
-        parts = []
-        for task in _block_tasks(ring, owner, local_len, layout, causal):
-            key_mask = None if masks is None else masks[owner][:, task.k]
+    def plan(reader: int, steps: tuple) -> tuple:
+        return _visit_plan(reader, steps, ring.size, local_len, layout, causal)
+
+    def read(reader: int, step: int) -> tuple:
+        """The segments of the block of `step` that `reader` reads: what its owner sends (only
+        those rows: under zigzag, half of a block whose owner comes before the reader) and
+        what the reader sends back as partial gradients."""
+        return _read_segments(reader, step, ring.size, local_len, layout, causal, BLOCKS_PER_BACKWARD_CALL)
+
+    def send(step: int) -> list:
+        segments = read(ring.visitor(step), step)
+        return [row_view_0(local[t], seg.local) for t in range(2) for seg in segments]
+
+    def receive(steps: tuple) -> tuple:
+        rows = max((seg.buffer.stop for call in plan(ring.rank, steps)[1] for seg in call.segments), default=0)
+        buffer = torch.empty((2, rows, *local.shape[2:]), dtype=k.dtype, device=k.device)
+        recvs = [[row_view_0(buffer[t], seg.buffer) for t in range(2) for seg in read(ring.rank, step)] for step in steps]
+        return buffer, recvs
+
+    def key_mask(steps: tuple, call) -> torch.Tensor | None:
+        if masks is None:
+            return None
+        return torch.cat([masks[ring.owner(steps[seg.block])][:, seg.local] for seg in call.segments], dim=1)
+
+    def visit(steps: tuple, buffer) -> list:
+        # The own block is K and V as the caller gave them; it lies in its buffer as it is.
+        keys, values = (k, v) if buffer is None else (from_sequence_major(buffer[0]), from_sequence_major(buffer[1]))
+        parts = [[] for _ in steps]
+        for call in plan(ring.rank, steps)[1]:
             dq_b, dk_b, dv_b = kernel.backward(
-                dout_rows(task.q), q_rows(task.q),
-                expand_heads(row_view(kv[0], task.k), groups),
-                expand_heads(row_view(kv[1], task.k), groups),
-                out_rows(task.q), lse_rows(task.q),
-                scale=scale, causal=task.causal, bias=key_bias(key_mask, q.dtype),
+                dout_rows(call.q), q_rows(call.q),
+                expand_heads(row_view(keys, call.k), groups),
+                expand_heads(row_view(values, call.k), groups),
+                out_rows(call.q), lse_rows(call.q),
+                scale=scale, causal=call.causal, bias=key_bias(key_mask(steps, call), q.dtype),
             )
-            dq.add(task.q, dq_b)
-            parts.append((task.k, (reduce_heads(dk_b, groups).to(wire), reduce_heads(dv_b, groups).to(wire))))
+            dq.add(call.q, dq_b)
+            dk_b, dv_b = (sequence_major(reduce_heads(g, groups).to(wire)) for g in (dk_b, dv_b))
+            for seg in call.segments:
+                rows = slice(seg.buffer.start - call.k.start, seg.buffer.stop - call.k.start)
+                parts[seg.block].append((seg.local, (dk_b[rows], dv_b[rows])))
         return parts
 
-    def expected(visitor: int) -> list:
-        """Empty parts shaped as the partials that `visitor` computes for this rank's block."""
-        def empty(rows: slice) -> torch.Tensor:
-            return torch.empty((k.size(0), k.size(1), rows.stop - rows.start, k.size(3)), dtype=wire, device=k.device)
-
-        tasks = _step_tasks(visitor, ring.rank, ring.size, local_len, layout, causal)
-        return [(task.k, (empty(task.k), empty(task.k))) for task in tasks]
+    def expected(visitor: int, step: int) -> list:
+        """Empty parts shaped as the partials that `visitor` computes for this rank's block at
+        `step`, in the order it sends them."""
+        shape = (k.size(0), k.size(1), k.size(3))
+        return [(seg.local, tuple(torch.empty((seg.local.stop - seg.local.start, *shape), dtype=wire, device=k.device)
+                                  for _ in range(2)))
+                for seg in read(visitor, step)]
 
     def arrived(parts: list) -> None:
         for rows, (dk_part, dv_part) in parts:
-            dk.add(rows, dk_part)
-            dv.add(rows, dv_part)
+            dk.add(rows, from_sequence_major(dk_part))
+            dv.add(rows, from_sequence_major(dv_part))
 
-    ring_visit_sending_home(ring, stack_kv(k, v), visit, expected, arrived)
+    ring_visit_sending_home(ring, send, receive, visit, expected, arrived, steps_per_visit=BLOCKS_PER_BACKWARD_CALL)
     return dq.result(), dk.result(), dv.result()
 
 

@@ -35,7 +35,7 @@ def test_simulated_rank_matches_sdpa(algo, causal, layout, masked):
 
 def test_simulation_restores_the_collectives():
     def current():
-        return (_comm.Ring.exchange, _comm.Ring.fetch, _comm.Ring.send_home, _common.all_gather_rows,
+        return (_comm.Ring.exchange, _comm.Ring.fetch, _comm.Ring.send_home, _comm.Ring.visitor, _common.all_gather_rows,
                 allgather_module.all_gather_kv, allgather_module.reduce_scatter_grads)
 
     originals = current()

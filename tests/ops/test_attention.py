@@ -7,6 +7,7 @@ float32, for every output and gradient.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -171,3 +172,31 @@ def test_stack_kv_views_only_what_lies_side_by_side():
         stacked = stack_kv(first, second)
         assert stacked.data_ptr() not in (first.data_ptr(), second.data_ptr())
         assert torch.equal(stacked, torch.stack([first, second]))
+
+
+def run_ring_shard_blocks_per_call(blocks, *args):
+    """`run_shard` of the ring whose backward gives `blocks` visiting blocks to one call."""
+    module = importlib.import_module("lightning_seqpar.ops.ring_attention")
+    saved = module.BLOCKS_PER_BACKWARD_CALL
+    module.BLOCKS_PER_BACKWARD_CALL = blocks
+    try:
+        return run_shard("ring", *args)
+    finally:
+        module.BLOCKS_PER_BACKWARD_CALL = saved
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal,layout", [(False, "contiguous"), (True, "contiguous"), (True, "zigzag")])
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_ring_backward_matches_sdpa_for_any_blocks_per_call(process_pools, world_size, causal, layout, masked, blocks):
+    """The default (2 blocks per backward call) runs in `test_matches_single_process_sdpa`; one
+    block per call is the walk before visits were grouped, and three make calls whose pieces
+    don't all lie side by side in the buffer."""
+    seed = 101 + 7 * world_size + blocks
+    results = process_pools(world_size).run_ok(run_ring_shard_blocks_per_call, blocks, seed, 4, 2, torch.float64, masked,
+                                               causal, layout)
+    expected = reference(*make_inputs(seed, world_size, 4, 2, torch.float64, masked), causal)
+    for name, i in zip(["out", "dq", "dk", "dv"], range(4)):
+        err = relative_error(unshard_sequence([r[i] for r in results], 2, layout), expected[i])
+        assert err <= TOLERANCE[torch.float64], f"{name}: relative error {err:.2e}"

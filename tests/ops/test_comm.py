@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_seqpar.ops import _comm
-from lightning_seqpar.ops._comm import SCHEDULES, Ring, ring_visit, ring_visit_sending_home
+from lightning_seqpar.ops._comm import SCHEDULES, Ring, ring_visit, ring_visit_sending_home, step_groups
 
 
 def parts_plan(visitor: int, owner: int) -> list[slice]:
@@ -31,23 +31,34 @@ def my_group(subgroups: list[list[int]] | None):
     return next(g for g, ranks in zip(groups, subgroups) if dist.get_rank() in ranks)
 
 
-def walk(subgroups: list[list[int]] | None = None) -> list:
+def walk(subgroups: list[list[int]] | None = None, steps_per_visit: int = 1) -> list:
     ring = Ring(my_group(subgroups))
-    received = []
+    received, visits = [], []
+    local = torch.full((6,), float(ring.rank))
 
-    def visit(owner: int, block: torch.Tensor) -> list:
+    def receive(steps: tuple) -> tuple:
+        # The visit's blocks side by side in one buffer, as the ring attention's backward lays
+        # them, each block's pieces (its two halves) received apart.
+        buffer = torch.full((len(steps), 6), -1.0)
+        return buffer, [[row[:3], row[3:]] for row in buffer]
+
+    def visit(steps: tuple, buffer) -> list:
+        visits.append(steps)
+        blocks = [local] if buffer is None else list(buffer)
         # The first tensor says who computed the part for whom; the second, which block it saw.
-        return [(rows, (torch.full((rows.stop - rows.start,), 100.0 * ring.rank + owner), block[: rows.stop - rows.start].clone()))
-                for rows in parts_plan(ring.rank, owner)]
+        return [[(rows, (torch.full((rows.stop - rows.start,), 100.0 * ring.rank + ring.owner(step)), block[: rows.stop - rows.start].clone()))
+                 for rows in parts_plan(ring.rank, ring.owner(step))] for step, block in zip(steps, blocks)]
 
-    def expected(visitor: int) -> list:
+    def expected(visitor: int, step: int) -> list:
+        assert ring.visitor(step) == visitor
         return [(rows, (torch.empty(rows.stop - rows.start), torch.empty(rows.stop - rows.start)))
                 for rows in parts_plan(visitor, ring.rank)]
 
     def arrived(parts: list) -> None:
         received.extend(((rows.start, rows.stop), who.tolist(), seen.tolist()) for rows, (who, seen) in parts)
 
-    ring_visit_sending_home(ring, torch.full((6,), float(ring.rank)), visit, expected, arrived)
+    ring_visit_sending_home(ring, lambda step: [local[:3], local[3:]], receive, visit, expected, arrived, steps_per_visit=steps_per_visit)
+    assert visits == list(step_groups(ring.size, steps_per_visit))
     return received
 
 
@@ -59,9 +70,10 @@ def want_received(owner: int, world_size: int) -> list:
             for rows in parts_plan(visitor, owner)]
 
 
+@pytest.mark.parametrize("steps_per_visit", [1, 2, 3])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_partials_reach_their_owner_with_their_rows(process_pools, world_size):
-    results = process_pools(world_size).run_ok(walk)
+def test_partials_reach_their_owner_with_their_rows(process_pools, world_size, steps_per_visit):
+    results = process_pools(world_size).run_ok(walk, None, steps_per_visit)
     for owner, received in enumerate(results):
         assert received == want_received(owner, world_size)
 
@@ -99,7 +111,7 @@ def test_walks_stay_inside_a_subgroup_in_its_rank_order(process_pools, world_siz
         steps = range(len(members))
         owners = [(group_rank - s) % len(members) for s in steps]
         assert seen == [(o, [10.0 * members[o]] * 3) for o in owners]
-    for world_rank, received in enumerate(pool.run_ok(walk, subgroups)):
+    for world_rank, received in enumerate(pool.run_ok(walk, subgroups, 2)):
         members = next(ranks for ranks in subgroups if world_rank in ranks)
         assert received == want_received(members.index(world_rank), len(members))
 
@@ -119,7 +131,7 @@ class _LoggedRing(Ring):
         super().__init__()
         self.rank, self.size, self.log = rank, size, log
 
-    def fetch(self, step, local):
+    def fetch(self, step, sends, recvs):
         self.log.append(f"post {step}")
         log = self.log
 
@@ -127,7 +139,9 @@ class _LoggedRing(Ring):
             def wait(self):
                 log.append(f"wait {step}")
 
-        return torch.full_like(local, float(self.owner(step))), [Request()]
+        for recv in recvs:
+            recv.fill_(float(self.owner(step)))
+        return [Request()]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 6])
@@ -151,3 +165,12 @@ def test_direct_walk_posts_each_fetch_blocks_in_flight_steps_ahead(size):
 def test_an_unknown_schedule_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="'direct', 'neighbour'"):
         ring_visit(Ring(), torch.zeros(2), lambda owner, block: None, schedule="tree")
+
+
+def test_step_groups_put_the_own_block_alone_and_cover_every_step_once():
+    assert step_groups(1, 2) == ((0,),)
+    assert step_groups(8, 2) == ((0,), (1, 2), (3, 4), (5, 6), (7,))
+    assert step_groups(4, 1) == ((0,), (1,), (2,), (3,))
+    assert step_groups(5, 3) == ((0,), (1, 2, 3), (4,))
+    with pytest.raises(ValueError, match="at least 1"):
+        step_groups(4, 0)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from lightning_seqpar.layout import sequence_positions, shard_sequence, unshard_sequence
-from lightning_seqpar.ops._pieces import causal_step_tasks
+from lightning_seqpar.ops._comm import step_groups
+from lightning_seqpar.ops._pieces import buffer_piece_orders, causal_step_tasks, visit_plan
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -62,3 +65,64 @@ def test_zigzag_balances_causal_work(world_size):
 def test_causal_steps_that_see_nothing_are_skipped():
     assert causal_step_tasks(0, 1, 2, 8, "contiguous", causal=True) == []
     assert len(causal_step_tasks(1, 0, 2, 8, "contiguous", causal=True)) == 1
+
+
+def cells_of_tasks(rank, steps, world_size, local, layout, causal):
+    """(query row, visit block, key row of its owner, causal) of every cell the steps' tasks
+    compute."""
+    return {(qr, b, kr, t.causal)
+            for b, step in enumerate(steps)
+            for t in causal_step_tasks(rank, (rank - step) % world_size, world_size, local, layout, causal)
+            for qr in range(t.q.start, t.q.stop) for kr in range(t.k.start, t.k.stop)}
+
+
+def cells_of_calls(calls):
+    cells = set()
+    for call in calls:
+        # The segments tile the call's key rows in order, each as long as the rows it stands for.
+        assert call.segments[0].buffer.start == call.k.start and call.segments[-1].buffer.stop == call.k.stop
+        for seg, nxt in zip(call.segments, call.segments[1:]):
+            assert seg.buffer.stop == nxt.buffer.start
+        for seg in call.segments:
+            assert seg.buffer.stop - seg.buffer.start == seg.local.stop - seg.local.start
+            cells |= {(qr, seg.block, kr, call.causal) for qr in range(call.q.start, call.q.stop)
+                      for kr in range(seg.local.start, seg.local.stop)}
+    return cells
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+@pytest.mark.parametrize("layout,causal", [("contiguous", False), ("contiguous", True), ("zigzag", True), ("zigzag", False)])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_visit_plans_compute_exactly_the_cells_of_the_step_tasks(world_size, layout, causal, blocks):
+    local = 12
+    for rank in range(world_size):
+        for steps in step_groups(world_size, blocks):
+            order, calls = visit_plan(rank, steps, world_size, local, layout, causal)
+            assert order in buffer_piece_orders(len(steps), layout)
+            assert cells_of_calls(calls) == cells_of_tasks(rank, steps, world_size, local, layout, causal)
+            # No two calls read the same buffer rows for the same query rows.
+            for a, b in itertools.combinations(calls, 2):
+                assert a.q != b.q or a.k.stop <= b.k.start or b.k.stop <= a.k.start
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_a_pair_of_blocks_is_one_call_wherever_their_query_rows_agree(world_size):
+    """Under zigzag a rank reads the first piece of every block owned before it and all of
+    every block owned after it, with other query rows: a pair of one kind is one call over
+    both, a pair of both kinds two calls; a contiguous cut's pairs are one call each. Either
+    way each block's rows are one segment: one partial per block to send home."""
+    for rank in range(world_size):
+        for steps in step_groups(world_size, 2)[1:]:
+            owners = [(rank - s) % world_size for s in steps]
+            kinds = {owner < rank for owner in owners}
+            _, calls = visit_plan(rank, steps, world_size, 8, "zigzag", True)
+            assert len(calls) == len(kinds)
+            assert sum(len(call.segments) for call in calls) == len(steps)
+            _, calls = visit_plan(rank, steps, world_size, 8, "contiguous", False)
+            assert len(calls) == 1 and len(calls[0].segments) == len(steps)
+
+
+def test_buffer_piece_orders_are_block_by_block_or_first_pieces_first():
+    assert buffer_piece_orders(2, "zigzag") == (((0, 0), (0, 1), (1, 0), (1, 1)), ((0, 0), (1, 0), (1, 1), (0, 1)))
+    assert buffer_piece_orders(1, "zigzag") == (((0, 0), (0, 1)),)
+    assert buffer_piece_orders(3, "contiguous") == (((0, 0), (1, 0), (2, 0)),)
