@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import attention_parser, card, parse_attention_args, time_ms, write_result  # noqa: E402
+from benchmarks.common import attention_parser, card, parse_attention_args, time_block_calls, time_ms, write_result  # noqa: E402
 from benchmarks.simulated_ring import check_rank, every_rank_holds_mine, fake_group, simulated_rank  # noqa: E402
 from lightning_seqpar.ops import ATTENTION_OPS, clear_cuda_graphs, set_cuda_graphs  # noqa: E402
 from lightning_seqpar.ops._kernels import select_block_kernel  # noqa: E402
@@ -88,20 +88,7 @@ def run_shape(a, dim, causal, tokens):
         tasks = [task for step in range(n)
                  for task in causal_step_tasks(a.rank, (a.rank - step) % n, n, tokens, "zigzag", causal)]
         calls = [(q[:, :, t.q].contiguous(), k[:, :, t.k].contiguous(), v[:, :, t.k].contiguous(), t.causal) for t in tasks]
-        scale = dim ** -0.5
-        outs = [kernel.forward(qs, ks, vs, scale=scale, causal=c, bias=None) for qs, ks, vs, c in calls]
-        douts = [torch.randn_like(o) for o, _ in outs]
-
-        def forward():
-            for qs, ks, vs, c in calls:
-                kernel.forward(qs, ks, vs, scale=scale, causal=c, bias=None)
-
-        def backward():
-            for (qs, ks, vs, c), (o, lse), do in zip(calls, outs, douts):
-                kernel.backward(do, qs, ks, vs, o, lse, scale=scale, causal=c, bias=None)
-
-        fwd = time_ms(forward, device, a.reps)
-        return fwd, fwd + time_ms(backward, device, a.reps)
+        return time_block_calls(kernel, calls, dim ** -0.5, device, a.reps)
 
     whole = inputs(seq_len)
     row["sdpa_fwd_ms"], row["sdpa_fwdbwd_ms"] = timings(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), whole)

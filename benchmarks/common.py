@@ -120,6 +120,24 @@ def time_ms(fn, device: str, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def time_block_calls(kernel, calls: list, scale: float, device: str, reps: int) -> tuple[float, float]:
+    """Forward, and forward+backward, milliseconds of `calls` (q, k, v, causal) of a block
+    kernel by themselves: no merge, transfer or accumulation."""
+    outs = [kernel.forward(q, k, v, scale=scale, causal=c, bias=None) for q, k, v, c in calls]
+    douts = [torch.randn_like(o) for o, _ in outs]
+
+    def forward():
+        for q, k, v, c in calls:
+            kernel.forward(q, k, v, scale=scale, causal=c, bias=None)
+
+    def backward():
+        for (q, k, v, c), (o, lse), do in zip(calls, outs, douts):
+            kernel.backward(do, q, k, v, o, lse, scale=scale, causal=c, bias=None)
+
+    fwd = time_ms(forward, device, reps)
+    return fwd, fwd + time_ms(backward, device, reps)
+
+
 def write_result(name: str, device: str, config: dict, rows: list, out: Path | None = None, **extra) -> Path:
     """JSON with the card, torch version, date and the command that produced it."""
     result = {

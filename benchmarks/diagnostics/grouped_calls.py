@@ -16,7 +16,7 @@ sys.path.insert(0, ".")
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import time_ms
+from benchmarks.common import time_block_calls, time_ms
 from lightning_seqpar.ops._kernels import select_block_kernel
 from lightning_seqpar.ops._pieces import causal_step_tasks
 
@@ -68,18 +68,6 @@ for dim, causal, tokens in itertools.product(a.head_dims, [False, True], a.token
                 ks = torch.cat([k[:, :, r] for r in krs], dim=2)
                 vs = torch.cat([v[:, :, r] for r in krs], dim=2)
                 calls.append((q[:, :, qr].contiguous(), ks, vs, c))
-            outs = [kernel.forward(qs, ks, vs, scale=scale, causal=c, bias=None) for qs, ks, vs, c in calls]
-            douts = [torch.randn_like(o) for o, _ in outs]
-
-            def forward():
-                for qs, ks, vs, c in calls:
-                    kernel.forward(qs, ks, vs, scale=scale, causal=c, bias=None)
-
-            def backward():
-                for (qs, ks, vs, c), (o, lse), do in zip(calls, outs, douts):
-                    kernel.backward(do, qs, ks, vs, o, lse, scale=scale, causal=c, bias=None)
-
-            f = time_ms(forward, "cuda", a.reps)
-            fb = f + time_ms(backward, "cuda", a.reps)
+            f, fb = time_block_calls(kernel, calls, scale, "cuda", a.reps)
             print(f"{dim:>4} {'causal' if causal else 'full':>7} {tokens:>6} {rank:>4} {g:>2} {len(calls):>5} | "
                   f"{f:7.3f} {sdpa_f / (n * f):5.3f} | {fb:7.3f} {sdpa_fb / (n * fb):5.3f}", flush=True)
