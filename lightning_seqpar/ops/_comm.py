@@ -161,9 +161,10 @@ def _fetched_together(ring: Ring, send: Callable, receive: Callable, steps_per_v
     (its buffer None: the caller holds it). `send(step)` gives the tensors of this rank's block
     to send at `step` (to the rank that visits it then); `receive(steps)` gives
     `(buffer, recvs)`: recvs[i] the tensors, shaped as what the owner of step steps[i] sends,
-    into which its block lands, and buffer what the visit is handed once they all have. A visit's fetches are posted when the
-    visit BLOCKS_IN_FLIGHT blocks (at least one visit) before it is asked for, after the
-    caller's work on the visit before that was queued."""
+    into which its block lands, and buffer what the visit is handed once they all have.
+    Fetches run BLOCKS_IN_FLIGHT blocks ahead, at least one visit: a visit's fetches are posted
+    when the visit that many blocks before it is asked for, after the caller's work on the
+    visit before that was queued."""
     groups = step_groups(ring.size, steps_per_visit)
     ahead = max(1, -(-BLOCKS_IN_FLIGHT // steps_per_visit))
     in_flight = collections.deque()

@@ -65,7 +65,8 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
 # query rows (their dO.O and the float32 dQ it accumulates); with two 4K blocks in one call the
 # backward took 6-9% less time than two calls, at 8K 2-3% (H200, 2026-11-26,
 # benchmarks/diagnostics/pair_layouts.py). The price: one more K/V block in flight, and one more
-# block's dK/dV waiting to be sent.
+# block's dK/dV waiting to be sent. A captured backward keeps the value it was captured with:
+# changing it takes `clear_cuda_graphs()`.
 BLOCKS_PER_BACKWARD_CALL = 2
 
 

@@ -174,3 +174,26 @@ def test_step_groups_put_the_own_block_alone_and_cover_every_step_once():
     assert step_groups(5, 3) == ((0,), (1, 2, 3), (4,))
     with pytest.raises(ValueError, match="at least 1"):
         step_groups(4, 0)
+
+
+def test_visits_of_two_blocks_post_the_next_visit_before_waiting():
+    """With two blocks per visit, the next visit's fetches are posted before the wait for the
+    current one's (BLOCKS_IN_FLIGHT = 2 blocks ahead), and both of a visit's fetches are waited
+    on before it runs."""
+    log = []
+    ring = _LoggedRing(rank=0, size=6, log=log)
+    ring.send_home = lambda step, parts, expected: (expected, [])
+
+    def receive(steps):
+        buffer = torch.zeros(len(steps))
+        return buffer, [[buffer[i : i + 1]] for i in range(len(steps))]
+
+    def visit(steps, buffer):
+        log.append(f"visit {steps}")
+        return [[] for _ in steps]
+
+    ring_visit_sending_home(ring, lambda step: [torch.zeros(1)], receive, visit, lambda visitor, step: [],
+                            lambda parts: None, steps_per_visit=2)
+    assert _comm.BLOCKS_IN_FLIGHT == 2
+    assert log == ["post 1", "post 2", "visit (0,)", "post 3", "post 4", "wait 1", "wait 2", "visit (1, 2)",
+                   "post 5", "wait 3", "wait 4", "visit (3, 4)", "wait 5", "visit (5,)"]
