@@ -125,7 +125,8 @@ def buffer_piece_orders(blocks: int, layout: str) -> tuple[tuple[tuple[int, int]
       so does a whole block that follows a first-piece one."""
     pieces = pieces_per_rank(layout)
     by_block = tuple((b, p) for b in range(blocks) for p in range(pieces))
-    first_pieces_first = tuple([(b, 0) for b in range(blocks)] + [(b, p) for b in reversed(range(blocks)) for p in range(1, pieces)])
+    first_pieces_first = tuple([(b, 0) for b in range(blocks)]
+                               + [(b, p) for b in reversed(range(blocks)) for p in range(1, pieces)])
     return (by_block,) if first_pieces_first == by_block else (by_block, first_pieces_first)
 
 
@@ -141,7 +142,8 @@ def _calls_in_order(rank, steps, world_size, local_len, layout, causal, order) -
                 seg = Segment(block, slice(piece * piece_len, (piece + 1) * piece_len), slice(start, start + piece_len))
                 last = segments[-1] if segments else None
                 if last is not None and last.buffer.stop == seg.buffer.start and last.local.stop == seg.local.start:
-                    segments[-1] = Segment(block, slice(last.local.start, seg.local.stop), slice(last.buffer.start, seg.buffer.stop))
+                    segments[-1] = Segment(block, slice(last.local.start, seg.local.stop),
+                                           slice(last.buffer.start, seg.buffer.stop))
                 else:
                     segments.append(seg)
             calls += [VisitCall(task.q, seg.buffer, task.causal, (seg,)) for seg in segments]

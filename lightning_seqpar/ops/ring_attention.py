@@ -4,8 +4,9 @@ Each rank keeps its queries; every rank's key/value block visits every rank, fet
 from its owner two steps before it is used (`_comm.ring_visit`'s direct walk). At every step
 one fused block kernel returns (out_b, lse_b) for the visiting block, and the blocks' results
 are merged in float32 (a few at a time: `_merge.MergedOutput`). The backward walks the ring
-again, two blocks per visit (`BLOCKS_PER_BACKWARD_CALL`), each owner sending only the rows its
-visitor reads, into one buffer where one block call can read both: each block's gradient is
+again, K and V laid out sequence-major, each owner sending only the rows its visitor reads
+(optionally several blocks per visit, into one buffer where one block call can read them all:
+`BLOCKS_PER_BACKWARD_CALL`): each block's gradient is
 computed from the *global* out and lse, dQ accumulates at home, and each rank's dK/dV partials
 for the visiting blocks are sent straight to their owners, which sum them a few at a time
 (`_merge.SummedRows`; `_comm.ring_visit_sending_home`). No tensor spans L_local x L.
@@ -62,12 +63,14 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
 
 # Blocks that one backward visit gives to one block call where their key rows allow (see
 # `_pieces.visit_plan`). A block kernel's backward spends a fixed share of every call on the
-# query rows (their dO.O and the float32 dQ it accumulates); with two 4K blocks in one call the
-# backward took 6-9% less time than two calls, at 8K 2-3% (H200, 2026-11-26,
-# benchmarks/diagnostics/pair_layouts.py). The price: one more K/V block in flight, and one more
-# block's dK/dV waiting to be sent. A captured backward keeps the value it was captured with:
-# changing it takes `clear_cuda_graphs()`.
-BLOCKS_PER_BACKWARD_CALL = 2
+# query rows (their dO.O and the float32 dQ it accumulates): alone, two 4K blocks in one
+# sequence-major call took 6-9% less time than two calls, at 8K 2-3% (H200, 2026-11-26,
+# benchmarks/diagnostics/pair_layouts.py). In the ring, replayed on an H100, 2 measured within
+# noise of 1 (0.995-1.02 of its time, 8 shapes, two rounds;
+# benchmarks/results/backward_sequence_major_before_after_h100.txt), so one block per call is
+# the default: each block is used as soon as it lands, as in the forward. A captured backward
+# keeps the value it was captured with: changing it takes `clear_cuda_graphs()`.
+BLOCKS_PER_BACKWARD_CALL = 1
 
 
 @functools.lru_cache(maxsize=4096)

@@ -185,14 +185,14 @@ def run_ring_shard_blocks_per_call(blocks, *args):
         module.BLOCKS_PER_BACKWARD_CALL = saved
 
 
-@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("blocks", [2, 3])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("causal,layout", [(False, "contiguous"), (True, "contiguous"), (True, "zigzag")])
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_ring_backward_matches_sdpa_for_any_blocks_per_call(process_pools, world_size, causal, layout, masked, blocks):
-    """The default (2 blocks per backward call) runs in `test_matches_single_process_sdpa`; one
-    block per call is the walk before visits were grouped, and three make calls whose pieces
-    don't all lie side by side in the buffer."""
+    """The default (one block per backward call) runs in `test_matches_single_process_sdpa`;
+    two blocks per call pair blocks of one kind and of both kinds, and three make calls whose
+    pieces don't all lie side by side in the buffer."""
     seed = 101 + 7 * world_size + blocks
     results = process_pools(world_size).run_ok(run_ring_shard_blocks_per_call, blocks, seed, 4, 2, torch.float64, masked,
                                                causal, layout)

@@ -46,8 +46,11 @@ def walk(subgroups: list[list[int]] | None = None, steps_per_visit: int = 1) -> 
         visits.append(steps)
         blocks = [local] if buffer is None else list(buffer)
         # The first tensor says who computed the part for whom; the second, which block it saw.
-        return [[(rows, (torch.full((rows.stop - rows.start,), 100.0 * ring.rank + ring.owner(step)), block[: rows.stop - rows.start].clone()))
-                 for rows in parts_plan(ring.rank, ring.owner(step))] for step, block in zip(steps, blocks)]
+        def part(step: int, rows: slice, block: torch.Tensor):
+            n = rows.stop - rows.start
+            return rows, (torch.full((n,), 100.0 * ring.rank + ring.owner(step)), block[:n].clone())
+
+        return [[part(step, rows, block) for rows in parts_plan(ring.rank, ring.owner(step))] for step, block in zip(steps, blocks)]
 
     def expected(visitor: int, step: int) -> list:
         assert ring.visitor(step) == visitor

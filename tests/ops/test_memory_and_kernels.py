@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -37,13 +38,22 @@ class LargestTensor(TorchDispatchMode):
         return result
 
 
-def largest_tensor(algo, causal, layout):
+def largest_tensor(algo, causal, layout, blocks_per_backward_call=None):
+    """The largest tensor and the block calls of one op call on this rank; the ring's backward
+    with `blocks_per_backward_call` visiting blocks per call if given."""
     world_size = dist.get_world_size()
     q, k, v = (torch.randn(1, 1, LOCAL_LEN, 4, requires_grad=True) for _ in range(3))
-    # Once unrecorded first: the kernels' one-time probes (grouped heads) are not the op's calls.
-    ATTENTION_OPS[algo](q, k, v, causal=causal, layout=layout).sum().backward()
-    with LargestTensor() as mode:
+    module = importlib.import_module("lightning_seqpar.ops.ring_attention")
+    saved = module.BLOCKS_PER_BACKWARD_CALL
+    if blocks_per_backward_call is not None:
+        module.BLOCKS_PER_BACKWARD_CALL = blocks_per_backward_call
+    try:
+        # Once unrecorded first: the kernels' one-time probes (grouped heads) are not the op's calls.
         ATTENTION_OPS[algo](q, k, v, causal=causal, layout=layout).sum().backward()
+        with LargestTensor() as mode:
+            ATTENTION_OPS[algo](q, k, v, causal=causal, layout=layout).sum().backward()
+    finally:
+        module.BLOCKS_PER_BACKWARD_CALL = saved
     return mode.largest, (mode.block_calls, mode.backward_calls), world_size
 
 
@@ -58,16 +68,28 @@ def test_ring_never_allocates_local_by_global(process_pools, causal):
 
 def test_causal_block_calls_skip_masked_steps_and_balance_zigzag(process_pools):
     """Contiguous: rank r computes r + 1 blocks (the masked ones are skipped, not computed).
-    Zigzag: every rank computes its causal diagonal and W - 1 half blocks. The backward computes
-    the same cells with the blocks of a visit (steps 1-2, then 3) in one call where it can:
-    blocks that all precede the rank, or all follow it under zigzag."""
+    Zigzag: every rank computes its causal diagonal and W - 1 half blocks, in both passes."""
+    contiguous = [calls for _, calls, _ in process_pools(4).run_ok(largest_tensor, "ring", True, "contiguous", 1)]
+    for rank, (forward, backward) in enumerate(contiguous):
+        assert len(forward) == len(backward) == rank + 1
+    zigzag = [calls for _, calls, _ in process_pools(4).run_ok(largest_tensor, "ring", True, "zigzag", 1)]
+    for forward, backward in zigzag:
+        for calls in (forward, backward):
+            assert calls[0] == (LOCAL_LEN, LOCAL_LEN)
+            assert len(calls) == 4 and all(q * k == LOCAL_LEN * LOCAL_LEN // 2 for q, k in calls[1:])
+
+
+def test_a_backward_of_two_blocks_per_call_computes_the_same_cells_in_fewer_calls(process_pools):
+    """With two visiting blocks per backward call (steps 1-2, then 3), blocks that all precede
+    the rank, or all follow it under zigzag, share one call; the cells computed are the
+    forward's."""
     world_size, half_block = 4, LOCAL_LEN * LOCAL_LEN // 2
-    contiguous = [calls for _, calls, _ in process_pools(world_size).run_ok(largest_tensor, "ring", True, "contiguous")]
+    contiguous = [calls for _, calls, _ in process_pools(world_size).run_ok(largest_tensor, "ring", True, "contiguous", 2)]
     for rank, (forward, backward) in enumerate(contiguous):
         assert len(forward) == rank + 1
         assert len(backward) == 1 + sum(any(s <= rank for s in steps) for steps in [(1, 2), (3,)])
         assert sum(q * k for q, k in backward) == sum(q * k for q, k in forward) == (rank + 1) * LOCAL_LEN * LOCAL_LEN
-    zigzag = [calls for _, calls, _ in process_pools(world_size).run_ok(largest_tensor, "ring", True, "zigzag")]
+    zigzag = [calls for _, calls, _ in process_pools(world_size).run_ok(largest_tensor, "ring", True, "zigzag", 2)]
     for rank, (forward, backward) in enumerate(zigzag):
         assert forward[0] == backward[0] == (LOCAL_LEN, LOCAL_LEN)
         assert len(forward) == 4 and all(q * k == half_block for q, k in forward[1:])
