@@ -199,9 +199,8 @@ def _simulated_transfer(send: torch.Tensor):
 @contextlib.contextmanager
 def every_rank_holds_mine():
     """Every rank's K/V chunk equals this rank's: ring exchanges and fetches return what was sent
-    (the visitor of this rank's block is this rank), and the
-    all-gathers (of key padding masks, and of K/V in the all-gather op) return this rank's part
-    once per rank. Partial gradients sent home come back to this rank as the parts it sent (with
+    (the visitor of this rank's block is this rank), and the all-gathers (of key padding masks,
+    and of K/V in the all-gather op) return this rank's part once per rank. Partial gradients sent home come back to this rank as the parts it sent (with
     the rows they cover), and the all-gather op's reduce-scatter returns the sum of this rank's
     partials for every rank's chunk: with all chunks equal, both give the gradient of the one
     chunk they all are, summed over this rank's visits (see `check_rank`'s dk)."""
