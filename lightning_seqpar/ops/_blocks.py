@@ -48,10 +48,11 @@ def finish_lse_(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill_(lse < EMPTY_LSE / 2, float("inf"))
 
 
-def row_view(x: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows of `x` along its sequence dim (2), as a view: `narrow` costs a fraction of the
-    CPU time of `x[:, :, rows]`, and the ops make several per block."""
-    return x.narrow(2, rows.start, rows.stop - rows.start)
+def row_view(x: torch.Tensor, rows: slice, dim: int = 2) -> torch.Tensor:
+    """Rows of `x` along its sequence dim (2, or 0 for the backward's sequence-major K/V), as
+    a view: `narrow` costs a fraction of the CPU time of `x[:, :, rows]`, and the ops make
+    several per block."""
+    return x.narrow(dim, rows.start, rows.stop - rows.start)
 
 
 def all_rows(rows: slice, x: torch.Tensor) -> bool:

@@ -97,11 +97,6 @@ def from_sequence_major(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 0, 3)
 
 
-def row_view_0(x: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows of a sequence-major tensor, as a view."""
-    return x.narrow(0, rows.start, rows.stop - rows.start)
-
-
 def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causal, scale, layout):
     local_len = q.size(2)
     kernel = select_block_kernel(q, masks is not None)
@@ -130,12 +125,12 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
 
     def send(step: int) -> list:
         segments = read(ring.visitor(step), step)
-        return [row_view_0(local[t], seg.local) for t in range(2) for seg in segments]
+        return [row_view(local[t], seg.local, dim=0) for t in range(2) for seg in segments]
 
     def receive(steps: tuple) -> tuple:
         rows = max((seg.buffer.stop for call in plan(ring.rank, steps)[1] for seg in call.segments), default=0)
         buffer = torch.empty((2, rows, *local.shape[2:]), dtype=k.dtype, device=k.device)
-        recvs = [[row_view_0(buffer[t], seg.buffer) for t in range(2) for seg in read(ring.rank, step)] for step in steps]
+        recvs = [[row_view(buffer[t], seg.buffer, dim=0) for t in range(2) for seg in read(ring.rank, step)] for step in steps]
         return buffer, recvs
 
     def key_mask(steps: tuple, call) -> torch.Tensor | None:
@@ -159,7 +154,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
             dk_b, dv_b = (sequence_major(reduce_heads(g, groups).to(wire)) for g in (dk_b, dv_b))
             for seg in call.segments:
                 rows = slice(seg.buffer.start - call.k.start, seg.buffer.stop - call.k.start)
-                parts[seg.block].append((seg.local, (dk_b[rows], dv_b[rows])))
+                parts[seg.block].append((seg.local, (row_view(dk_b, rows, dim=0), row_view(dv_b, rows, dim=0))))
         return parts
 
     def expected(visitor: int, step: int) -> list:

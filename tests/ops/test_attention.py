@@ -7,6 +7,7 @@ float32, for every output and gradient.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 
@@ -174,15 +175,23 @@ def test_stack_kv_views_only_what_lies_side_by_side():
         assert torch.equal(stacked, torch.stack([first, second]))
 
 
-def run_ring_shard_blocks_per_call(blocks, *args):
-    """`run_shard` of the ring whose backward gives `blocks` visiting blocks to one call."""
+@contextlib.contextmanager
+def blocks_per_backward_call(blocks: int | None):
+    """The ring's backward gives `blocks` visiting blocks to one call inside (None: as set)."""
     module = importlib.import_module("lightning_seqpar.ops.ring_attention")
     saved = module.BLOCKS_PER_BACKWARD_CALL
-    module.BLOCKS_PER_BACKWARD_CALL = blocks
+    if blocks is not None:
+        module.BLOCKS_PER_BACKWARD_CALL = blocks
     try:
-        return run_shard("ring", *args)
+        yield
     finally:
         module.BLOCKS_PER_BACKWARD_CALL = saved
+
+
+def run_ring_shard_blocks_per_call(blocks, *args):
+    """`run_shard` of the ring whose backward gives `blocks` visiting blocks to one call."""
+    with blocks_per_backward_call(blocks):
+        return run_shard("ring", *args)
 
 
 @pytest.mark.parametrize("blocks", [2, 3])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
 
 import pytest
@@ -12,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_seqpar.layout import shard_sequence, unshard_sequence
 from lightning_seqpar.ops import ATTENTION_OPS, set_block_kernel
-from tests.ops.test_attention import TOLERANCE, make_inputs, reference, relative_error, run_shard
+from tests.ops.test_attention import TOLERANCE, blocks_per_backward_call, make_inputs, reference, relative_error, run_shard
 
 LOCAL_LEN = 64
 
@@ -38,22 +37,16 @@ class LargestTensor(TorchDispatchMode):
         return result
 
 
-def largest_tensor(algo, causal, layout, blocks_per_backward_call=None):
+def largest_tensor(algo, causal, layout, blocks=None):
     """The largest tensor and the block calls of one op call on this rank; the ring's backward
-    with `blocks_per_backward_call` visiting blocks per call if given."""
+    with `blocks` visiting blocks per call if given."""
     world_size = dist.get_world_size()
     q, k, v = (torch.randn(1, 1, LOCAL_LEN, 4, requires_grad=True) for _ in range(3))
-    module = importlib.import_module("lightning_seqpar.ops.ring_attention")
-    saved = module.BLOCKS_PER_BACKWARD_CALL
-    if blocks_per_backward_call is not None:
-        module.BLOCKS_PER_BACKWARD_CALL = blocks_per_backward_call
-    try:
+    with blocks_per_backward_call(blocks):
         # Once unrecorded first: the kernels' one-time probes (grouped heads) are not the op's calls.
         ATTENTION_OPS[algo](q, k, v, causal=causal, layout=layout).sum().backward()
         with LargestTensor() as mode:
             ATTENTION_OPS[algo](q, k, v, causal=causal, layout=layout).sum().backward()
-    finally:
-        module.BLOCKS_PER_BACKWARD_CALL = saved
     return mode.largest, (mode.block_calls, mode.backward_calls), world_size
 
 
