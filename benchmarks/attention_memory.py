@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import add_ring_arguments, apply_ring_args  # noqa: E402
 from benchmarks.simulated_ring import check_rank, every_rank_holds_mine, fake_group  # noqa: E402
 from lightning_seqpar.ops import ATTENTION_OPS  # noqa: E402
 
@@ -148,7 +149,9 @@ def main():
     parser.add_argument("--reps", type=int)
     parser.add_argument("--non-causal", dest="causal", action="store_false")
     parser.add_argument("--out", type=Path)
+    add_ring_arguments(parser)
     a = parser.parse_args()
+    apply_ring_args(a)
     for key, value in DEFAULTS[a.device].items():
         if getattr(a, key) is None:
             setattr(a, key, value)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.simulated_ring import COMM_PRIORITIES, DEFAULT_TRANSFER, TRANSFERS, set_transfer
+from lightning_seqpar.ops import backward_blocks_per_call, set_backward_blocks_per_call
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,7 +48,7 @@ def attention_parser(doc: str, world_size: int = 8, heads: int = 32) -> argparse
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--timing", choices=TIMINGS, default=_timing, help="how CUDA reps are timed (benchmarks/common.py)")
-    add_transfer_argument(parser)
+    add_ring_arguments(parser)
     return parser
 
 
@@ -59,26 +60,30 @@ def one_shape_parser(doc: str, tokens: int, head_dim: int) -> argparse.ArgumentP
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=head_dim)
     parser.add_argument("--causal", action="store_true", help="causal zigzag (default: non-causal)")
-    add_transfer_argument(parser)
+    add_ring_arguments(parser)
     return parser
 
 
-def add_transfer_argument(parser: argparse.ArgumentParser) -> None:
+def add_ring_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the simulated ring moves its blocks, and how its backward groups them."""
     parser.add_argument("--transfer", choices=TRANSFERS, default=DEFAULT_TRANSFER,
                         help="how a simulated ring transfer copies on CUDA (benchmarks/simulated_ring.py)")
     parser.add_argument("--comm-priority", choices=COMM_PRIORITIES, default="normal",
                         help="priority of NCCL's stream for the simulated transfers (results/transfer_schedule_trial.txt)")
+    parser.add_argument("--backward-blocks-per-call", type=int, default=backward_blocks_per_call(),
+                        help="visiting blocks per block call in the ring's backward (set_backward_blocks_per_call)")
 
 
-def apply_transfer_args(args: argparse.Namespace) -> None:
-    """Set what `add_transfer_argument`'s options chose for the simulated transfers."""
+def apply_ring_args(args: argparse.Namespace) -> None:
+    """Set what `add_ring_arguments`' options chose."""
     set_transfer(args.transfer, args.comm_priority)
+    set_backward_blocks_per_call(args.backward_blocks_per_call)
 
 
 def parse_attention_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    apply_transfer_args(args)
+    apply_ring_args(args)
     set_timing(args.timing)
     return args
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import card, write_result  # noqa: E402
+from benchmarks.common import add_ring_arguments, apply_ring_args, card, write_result  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group  # noqa: E402
 from lightning_seqpar.ops import clear_cuda_graphs, set_cuda_graphs  # noqa: E402
 from lightning_seqpar.ops._graphs import cuda_graphs_enabled  # noqa: E402
@@ -127,7 +127,9 @@ def main():
     parser.add_argument("--cuda-graphs", action="store_true", help="the ring replayed from CUDA graphs (set_cuda_graphs)")
     parser.add_argument("--granularity", type=int, default=1024)
     parser.add_argument("--out", type=Path)
+    add_ring_arguments(parser)
     a = parser.parse_args()
+    apply_ring_args(a)
     set_cuda_graphs(a.cuda_graphs)
     cfg = MODELS[a.model]
     trainee = Trainee(cfg, a.device)

@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, apply_transfer_args, card, one_shape_parser, write_result  # noqa: E402
+from benchmarks.common import RESULTS, apply_ring_args, card, one_shape_parser, write_result  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group  # noqa: E402
 from lightning_seqpar.ops import ring_attention, set_cuda_graphs  # noqa: E402
 
@@ -85,7 +85,7 @@ def main():
     a = parser.parse_args()
     if a.calls < 1:
         parser.error("--calls must be at least 1")
-    apply_transfer_args(a)
+    apply_ring_args(a)
     set_cuda_graphs(a.cuda_graphs)
     if not torch.cuda.is_available():
         raise SystemExit("the trace needs a CUDA device (streams are what it shows)")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import apply_transfer_args, one_shape_parser, time_ms  # noqa: E402
+from benchmarks.common import apply_ring_args, one_shape_parser, time_ms  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group  # noqa: E402
 from lightning_seqpar.ops._comm import Ring  # noqa: E402
 from lightning_seqpar.ops._graphs import _Captured  # noqa: E402
@@ -35,7 +35,7 @@ def main():
     parser = one_shape_parser(__doc__, tokens=4096, head_dim=64)
     parser.add_argument("--reps", type=int, default=20)
     a = parser.parse_args()
-    apply_transfer_args(a)
+    apply_ring_args(a)
     if a.transfer != "nccl":
         raise SystemExit("capture the ring with --transfer nccl: the other transfers sync with Python-side events")
     if not torch.cuda.is_available():

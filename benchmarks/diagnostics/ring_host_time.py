@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import apply_transfer_args, one_shape_parser  # noqa: E402
+from benchmarks.common import apply_ring_args, one_shape_parser  # noqa: E402
 from benchmarks.simulated_ring import _simulated_transfer, every_rank_holds_mine, fake_group  # noqa: E402
 from lightning_seqpar.ops import ring_attention  # noqa: E402
 from lightning_seqpar.ops._kernels import KERNELS  # noqa: E402
@@ -78,7 +78,7 @@ def main():
     parser.add_argument("--lines", type=int, default=30, help="cProfile lines to print")
     parser.add_argument("--calls", action="store_true", help="first, the host cost of each piece of a ring step")
     a = parser.parse_args()
-    apply_transfer_args(a)
+    apply_ring_args(a)
     if not torch.cuda.is_available():
         raise SystemExit("host against device time needs a CUDA device")
     if a.calls:

@@ -6,7 +6,7 @@ one fused block kernel returns (out_b, lse_b) for the visiting block, and the bl
 are merged in float32 (a few at a time: `_merge.MergedOutput`). The backward walks the ring
 again, K and V laid out sequence-major, each owner sending only the rows its visitor reads
 (optionally several blocks per visit, into one buffer where one block call can read them all:
-`BLOCKS_PER_BACKWARD_CALL`): each block's gradient is
+`set_backward_blocks_per_call`): each block's gradient is
 computed from the *global* out and lse, dQ accumulates at home, and each rank's dK/dV partials
 for the visiting blocks are sent straight to their owners, which sum them a few at a time
 (`_merge.SummedRows`; `_comm.ring_visit_sending_home`). No tensor spans L_local x L.
@@ -21,7 +21,7 @@ import torch
 from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_sending_home, step_groups
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads, stack_kv
-from lightning_seqpar.ops._graphs import graphed
+from lightning_seqpar.ops._graphs import clear_cuda_graphs, graphed
 from lightning_seqpar.ops._kernels import block_grad_dtype, head_expansion, select_block_kernel
 from lightning_seqpar.ops._merge import MergedOutput, SummedRows
 from lightning_seqpar.ops._pieces import causal_step_tasks, visit_plan
@@ -65,12 +65,26 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
 # `_pieces.visit_plan`). A block kernel's backward spends a fixed share of every call on the
 # query rows (their dO.O and the float32 dQ it accumulates): alone, two 4K blocks in one
 # sequence-major call took 6-9% less time than two calls, at 8K 2-3% (H200, 2026-11-26,
-# benchmarks/diagnostics/pair_layouts.py). In the ring, replayed on an H100, 2 measured within
-# noise of 1 (0.995-1.02 of its time, 8 shapes, two rounds;
-# benchmarks/results/backward_sequence_major_before_after_h100.txt), so one block per call is
-# the default: each block is used as soon as it lands, as in the forward. A captured backward
-# keeps the value it was captured with: changing it takes `clear_cuda_graphs()`.
+# benchmarks/diagnostics/pair_layouts.py). Set through `set_backward_blocks_per_call`.
 BLOCKS_PER_BACKWARD_CALL = 1
+
+
+def set_backward_blocks_per_call(blocks: int) -> None:
+    """Visiting blocks that the ring's backward gives to one block call where their key rows
+    allow (default 1: each block is used as soon as it lands). More blocks per call means fewer,
+    longer kernel calls, and more K/V blocks held with their dK/dV waiting to be sent (see
+    `BLOCKS_PER_BACKWARD_CALL`). Drops captured CUDA graphs, since a captured backward keeps
+    the value it was captured with."""
+    global BLOCKS_PER_BACKWARD_CALL
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"set_backward_blocks_per_call takes a whole number of blocks, at least 1; got {blocks!r}")
+    BLOCKS_PER_BACKWARD_CALL = blocks
+    clear_cuda_graphs()
+
+
+def backward_blocks_per_call() -> int:
+    """The value `set_backward_blocks_per_call` set."""
+    return BLOCKS_PER_BACKWARD_CALL
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,7 +8,6 @@ float32, for every output and gradient.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import itertools
 
 import pytest
@@ -17,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lightning_seqpar.layout import shard_sequence, unshard_sequence
-from lightning_seqpar.ops import ATTENTION_OPS
+from lightning_seqpar.ops import ATTENTION_OPS, backward_blocks_per_call, set_backward_blocks_per_call
 from lightning_seqpar.ops._common import stack_kv
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -178,14 +177,32 @@ def test_stack_kv_views_only_what_lies_side_by_side():
 @contextlib.contextmanager
 def blocks_per_backward_call(blocks: int | None):
     """The ring's backward gives `blocks` visiting blocks to one call inside (None: as set)."""
-    module = importlib.import_module("lightning_seqpar.ops.ring_attention")
-    saved = module.BLOCKS_PER_BACKWARD_CALL
+    saved = backward_blocks_per_call()
     if blocks is not None:
-        module.BLOCKS_PER_BACKWARD_CALL = blocks
+        set_backward_blocks_per_call(blocks)
     try:
         yield
     finally:
-        module.BLOCKS_PER_BACKWARD_CALL = saved
+        set_backward_blocks_per_call(saved)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
+def test_backward_blocks_per_call_rejects_anything_but_a_whole_number_from_one(bad):
+    before = backward_blocks_per_call()
+    with pytest.raises(ValueError, match="at least 1"):
+        set_backward_blocks_per_call(bad)
+    assert backward_blocks_per_call() == before
+
+
+def test_setting_backward_blocks_per_call_drops_captured_graphs(monkeypatch):
+    """A captured backward keeps the value it was captured with, so the setter must drop it."""
+    from lightning_seqpar.ops import _graphs
+
+    before = backward_blocks_per_call()
+    monkeypatch.setitem(_graphs._CACHE, "stand-in signature", object())
+    with blocks_per_backward_call(before + 1):
+        assert backward_blocks_per_call() == before + 1 and not _graphs._CACHE
+    assert backward_blocks_per_call() == before
 
 
 def run_ring_shard_blocks_per_call(blocks, *args):
