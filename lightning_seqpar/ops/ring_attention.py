@@ -4,9 +4,9 @@ Each rank keeps its queries; every rank's key/value block visits every rank, fet
 from its owner two steps before it is used (`_comm.ring_visit`'s direct walk). At every step
 one fused block kernel returns (out_b, lse_b) for the visiting block, and the blocks' results
 are merged in float32 (a few at a time: `_merge.MergedOutput`). The backward walks the ring
-again, K and V laid out sequence-major, each owner sending only the rows its visitor reads
-(optionally several blocks per visit, into one buffer where one block call can read them all:
-`set_backward_blocks_per_call`): each block's gradient is
+again, K and V laid out sequence-major, each owner sending only the rows its visitor reads,
+two blocks per visit into one buffer where one block call can read both
+(`set_backward_blocks_per_call`): each block's gradient is
 computed from the *global* out and lse, dQ accumulates at home, and each rank's dK/dV partials
 for the visiting blocks are sent straight to their owners, which sum them a few at a time
 (`_merge.SummedRows`; `_comm.ring_visit_sending_home`). No tensor spans L_local x L.
@@ -63,15 +63,20 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
 
 # Blocks that one backward visit gives to one block call where their key rows allow (see
 # `_pieces.visit_plan`). A block kernel's backward spends a fixed share of every call on the
-# query rows (their dO.O and the float32 dQ it accumulates): alone, two 4K blocks in one
-# sequence-major call took 6-9% less time than two calls, at 8K 2-3% (H200, 2026-11-26,
-# benchmarks/diagnostics/pair_layouts.py). Set through `set_backward_blocks_per_call`.
-BLOCKS_PER_BACKWARD_CALL = 1
+# query rows (their dO.O and the float32 dQ it accumulates), so fewer, longer calls pay it less
+# often. In the ring, replayed on an H100 (simulated N = 8, 4K and 8K tokens per rank,
+# 2026-11-26, benchmarks/results/backward_blocks_per_call_h100.txt): 2 took 0.952-0.991 of 1's
+# forward+backward time (means of three rounds, 22 of 24 pairs faster) and 4 took 0.965-0.992
+# of 2's; 1 was level with the backward before the sequence-major layout. The price is held
+# K/V and dK/dV: one rank's attention peak 204 / 228 / 252 MiB at 1 / 2 / 4 (L = 16K), while
+# the 0.97B model's step peaked where it did at 1 and 2. 2 is the default: about half of 4's
+# gain for half of its extra memory.
+BLOCKS_PER_BACKWARD_CALL = 2
 
 
 def set_backward_blocks_per_call(blocks: int) -> None:
     """Visiting blocks that the ring's backward gives to one block call where their key rows
-    allow (default 1: each block is used as soon as it lands). More blocks per call means fewer,
+    allow (default 2; 1 uses each block as soon as it lands). More blocks per call means fewer,
     longer kernel calls, and more K/V blocks held with their dK/dV waiting to be sent (see
     `BLOCKS_PER_BACKWARD_CALL`). Drops captured CUDA graphs, since a captured backward keeps
     the value it was captured with."""
