@@ -32,9 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import attention_parser, card, parse_attention_args, time_block_calls, time_ms, write_result  # noqa: E402
 from benchmarks.simulated_ring import check_rank, every_rank_holds_mine, fake_group, simulated_rank  # noqa: E402
-from lightning_seqpar.ops import ATTENTION_OPS, clear_cuda_graphs, set_cuda_graphs  # noqa: E402
+from lightning_seqpar.ops import ATTENTION_OPS, backward_blocks_per_call, clear_cuda_graphs, set_cuda_graphs  # noqa: E402
+from lightning_seqpar.ops._blocks import row_view  # noqa: E402
+from lightning_seqpar.ops._comm import step_groups  # noqa: E402
 from lightning_seqpar.ops._kernels import select_block_kernel  # noqa: E402
-from lightning_seqpar.ops._pieces import causal_step_tasks  # noqa: E402
+from lightning_seqpar.ops._pieces import causal_step_tasks, visit_plan  # noqa: E402
+from lightning_seqpar.ops.ring_attention import from_sequence_major  # noqa: E402
 
 ALGORITHMS = ("ring", "allgather", "rsa")
 # bf16 keeps 8 mantissa bits: one rounding of the output alone is ~4e-3 relative.
@@ -82,13 +85,25 @@ def run_shape(a, dim, causal, tokens):
 
     def calls_alone(qkv):
         """One rank's block-kernel calls by themselves (the ring's calls on the same shapes;
-        no merge, transfer, accumulation or row copy): what the block kernel alone allows."""
+        no merge, transfer, accumulation or row copy): what the block kernel alone allows. The
+        backward's calls are those of its visits (`_pieces.visit_plan` at the backward's blocks
+        per call), over keys laid out sequence-major as the ring's backward reads them."""
         kernel = select_block_kernel(qkv[0], has_bias=False)
         q, k, v = (t.detach() for t in qkv)
         tasks = [task for step in range(n)
                  for task in causal_step_tasks(a.rank, (a.rank - step) % n, n, tokens, "zigzag", causal)]
         calls = [(q[:, :, t.q].contiguous(), k[:, :, t.k].contiguous(), v[:, :, t.k].contiguous(), t.causal) for t in tasks]
-        return time_block_calls(kernel, calls, dim ** -0.5, device, a.reps)
+        backward = []
+        for steps in step_groups(n, backward_blocks_per_call()):
+            plan = visit_plan(a.rank, steps, n, tokens, "zigzag", causal)[1]
+            if steps == (0,):
+                keys, values = k, v  # the own block, as the caller gave it
+            else:
+                rows = max(seg.buffer.stop for call in plan for seg in call.segments)
+                buffer = torch.randn(2, rows, 1, heads, dim, device=device, dtype=dtype)
+                keys, values = (from_sequence_major(buffer[i]) for i in range(2))
+            backward += [(q[:, :, c.q].contiguous(), row_view(keys, c.k), row_view(values, c.k), c.causal) for c in plan]
+        return time_block_calls(kernel, calls, dim ** -0.5, device, a.reps, backward_calls=backward)
 
     whole = inputs(seq_len)
     row["sdpa_fwd_ms"], row["sdpa_fwdbwd_ms"] = timings(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), whole)

@@ -125,10 +125,13 @@ def time_ms(fn, device: str, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def time_block_calls(kernel, calls: list, scale: float, device: str, reps: int) -> tuple[float, float]:
+def time_block_calls(kernel, calls: list, scale: float, device: str, reps: int,
+                     backward_calls: list | None = None) -> tuple[float, float]:
     """Forward, and forward+backward, milliseconds of `calls` (q, k, v, causal) of a block
-    kernel by themselves: no merge, transfer or accumulation."""
-    outs = [kernel.forward(q, k, v, scale=scale, causal=c, bias=None) for q, k, v, c in calls]
+    kernel by themselves: no merge, transfer or accumulation. The backward runs on
+    `backward_calls` where given (a backward that groups its calls otherwise), else on `calls`."""
+    backward_calls = calls if backward_calls is None else backward_calls
+    outs = [kernel.forward(q, k, v, scale=scale, causal=c, bias=None) for q, k, v, c in backward_calls]
     douts = [torch.randn_like(o) for o, _ in outs]
 
     def forward():
@@ -136,7 +139,7 @@ def time_block_calls(kernel, calls: list, scale: float, device: str, reps: int) 
             kernel.forward(q, k, v, scale=scale, causal=c, bias=None)
 
     def backward():
-        for (q, k, v, c), (o, lse), do in zip(calls, outs, douts):
+        for (q, k, v, c), (o, lse), do in zip(backward_calls, outs, douts):
             kernel.backward(do, q, k, v, o, lse, scale=scale, causal=c, bias=None)
 
     fwd = time_ms(forward, device, reps)
