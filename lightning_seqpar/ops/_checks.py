@@ -14,6 +14,8 @@ registers one for its sequence-parallel group on NCCL.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -38,6 +40,19 @@ _LOCAL_PROBLEMS = (
 )
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+# Process-wide settings that decide what an op computes or sends, so that ranks holding
+# different values would post mismatched transfers (a hang, or blocks of the wrong size): the
+# name of the function that sets each -> a reader returning it as an integer. The records carry
+# them, and a disagreement raises on every rank like any other. Registered at import, so every
+# rank's record has the same length.
+_SHARED_SETTINGS: dict[str, Callable[[], int]] = {}
+
+
+def register_shared_setting(setter_name: str, read: Callable[[], int]) -> None:
+    """Check at every call that all ranks of the group hold the same value of the setting that
+    `setter_name` sets (`read()` gives it as an integer)."""
+    _SHARED_SETTINGS[setter_name] = read
 
 
 def set_input_checks(enabled: bool) -> None:
@@ -125,7 +140,10 @@ def _record(q, k, v, key_padding_mask, layout) -> list[int]:
     problem = _local_problem(q, k, v, key_padding_mask, layout)
     shape = list(q.shape) + [k.size(1)] if problem == 0 else [0] * 5
     dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-    return [problem, *shape, dtype, int(key_padding_mask is not None)]
+    return [problem, *shape, dtype, int(key_padding_mask is not None), *(read() for read in _SHARED_SETTINGS.values())]
+
+
+_INPUTS = slice(1, 8)  # the record's shape, dtype and mask presence; the shared settings follow
 
 
 def _describe(record: list[int]) -> str:
@@ -156,7 +174,16 @@ def check_attention_inputs(q, k, v, *, group, layout: str, key_padding_mask, dro
     if bad:
         details = "; ".join(f"rank {rank}: {_LOCAL_PROBLEMS[code]}" for rank, code in bad)
         raise ValueError(f"sequence-parallel attention got bad inputs ({details})")
-    if any(rec[1:] != records[0][1:] for rec in records):
+    settings = [(name, [rec[_INPUTS.stop + i] for rec in records]) for i, name in enumerate(_SHARED_SETTINGS)]
+    differing = [(name, values) for name, values in settings if len(set(values)) > 1]
+    if differing:
+        details = "; ".join(f"{name}: " + ", ".join(f"rank {rank} {value}" for rank, value in enumerate(values))
+                            for name, values in differing)
+        raise ValueError(
+            "sequence-parallel attention needs the same settings on every rank of the group: call "
+            f"these with the same value on every rank ({details})"
+        )
+    if any(rec[_INPUTS] != records[0][_INPUTS] for rec in records):
         table = "; ".join(f"rank {rank}: {_describe(rec)}" for rank, rec in enumerate(records))
         raise ValueError(
             "sequence-parallel attention needs the same batch, heads, head dim, dtype, mask "

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from lightning_seqpar.ops._checks import register_shared_setting
+
 aten = torch.ops.aten
 
 
@@ -243,6 +245,10 @@ def set_block_kernel(name: str | None) -> None:
 def block_kernel_override() -> str | None:
     """The kernel `set_block_kernel` forces, if any."""
     return _OVERRIDE
+
+
+# Ranks on different kernels could send partial gradients of different dtypes, so sizes.
+register_shared_setting("set_block_kernel", lambda: 1 + sorted(KERNELS).index(_OVERRIDE) if _OVERRIDE in KERNELS else 0)
 
 
 def _cudnn_usable(q) -> bool:

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from lightning_seqpar.ops._checks import register_shared_setting
 from lightning_seqpar.ops._graphs import graphs_apply
 from lightning_seqpar.ops.allgather_attention import allgather_attention
 from lightning_seqpar.ops.ring_attention import ring_attention
@@ -63,6 +64,10 @@ def set_allgather_below(tokens: int) -> None:
 
 def allgather_below() -> int:
     return _allgather_below
+
+
+# Ranks that disagree on the threshold would take different ops for the same chunk length.
+register_shared_setting("set_allgather_below", allgather_below)
 
 
 def auto_attention(

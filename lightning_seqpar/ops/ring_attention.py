@@ -19,6 +19,7 @@ import functools
 import torch
 
 from lightning_seqpar.ops._blocks import RowRanges, backward_rows, block_forward, finish_lse_, key_bias, row_view
+from lightning_seqpar.ops._checks import register_shared_setting
 from lightning_seqpar.ops._comm import Ring, ring_visit, ring_visit_sending_home, step_groups
 from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks, lse_attention_function, prepare, reduce_heads, stack_kv
 from lightning_seqpar.ops._graphs import clear_cuda_graphs, graphed
@@ -90,6 +91,10 @@ def set_backward_blocks_per_call(blocks: int) -> None:
 def backward_blocks_per_call() -> int:
     """The value `set_backward_blocks_per_call` set."""
     return BLOCKS_PER_BACKWARD_CALL
+
+
+# Every rank's backward must group its steps alike, or their transfers won't match.
+register_shared_setting("set_backward_blocks_per_call", backward_blocks_per_call)
 
 
 @functools.lru_cache(maxsize=4096)

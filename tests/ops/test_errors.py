@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_seqpar.ops import ATTENTION_OPS
+from lightning_seqpar.ops import (
+    ATTENTION_OPS,
+    backward_blocks_per_call,
+    set_allgather_below,
+    set_backward_blocks_per_call,
+    set_block_kernel,
+)
+from lightning_seqpar.ops.auto_attention import allgather_below
 
 WORLD_SIZE = 2
 
@@ -51,6 +58,35 @@ PROBLEMS = {
     "dropout": "set dropout_p=0.0",
     "layout": "unknown layout 'stripes'",
 }
+
+
+def call_with_a_setting_of_its_own(algo, setting):
+    """Every rank calls the op with good inputs; rank 1 alone has changed a process-wide setting
+    that decides what the ops send."""
+    settings = {
+        "set_backward_blocks_per_call": (backward_blocks_per_call, set_backward_blocks_per_call, 3),
+        "set_allgather_below": (allgather_below, set_allgather_below, 1),
+        "set_block_kernel": (lambda: None, set_block_kernel, "math"),
+    }
+    read, write, other = settings[setting]
+    saved = read()
+    if dist.get_rank() == 1:
+        write(other)
+    try:
+        q, k, v = (torch.randn(2, 4, 4, 8) for _ in range(3))
+        ATTENTION_OPS[algo](q, k, v, causal=True)
+    finally:
+        write(saved)
+
+
+@pytest.mark.parametrize("algo", ["ring", "auto"])
+@pytest.mark.parametrize("setting", ["set_backward_blocks_per_call", "set_allgather_below", "set_block_kernel"])
+def test_settings_that_differ_across_ranks_raise_on_every_rank(process_pools, algo, setting):
+    outcomes = process_pools(WORLD_SIZE).run(call_with_a_setting_of_its_own, algo, setting, timeout=60)
+    for outcome in outcomes:
+        assert outcome.error_type == "ValueError", f"rank {outcome.rank}: {outcome.error_type} {outcome.error}"
+        assert "same settings on every rank" in outcome.error and f"{setting}: rank 0 " in outcome.error, outcome.error
+    assert process_pools(WORLD_SIZE).run_ok(dist.get_rank) == [0, 1]
 
 
 @pytest.mark.parametrize("algo", ["ring", "rsa", "allgather"])
