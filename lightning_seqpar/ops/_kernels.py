@@ -231,11 +231,25 @@ class CudaEfficientKernel(_FusedCudaKernel):
 
 KERNELS = {k.name: k for k in (MathKernel(), CpuFlashKernel(), CudaFlashKernel(), CudaCudnnKernel(), CudaEfficientKernel())}
 
-_OVERRIDE: str | None = os.environ.get("LIGHTNING_SEQPAR_KERNEL") or None
+KERNEL_ENV = "LIGHTNING_SEQPAR_KERNEL"
+
+
+def _kernel_from_environment() -> str | None:
+    """The kernel `LIGHTNING_SEQPAR_KERNEL` forces (unset or empty: none). An unknown name
+    fails here, at import on every rank that has it, not at the first attention call: there
+    it would raise on that rank alone, inside the ring, and leave its peers waiting."""
+    name = os.environ.get(KERNEL_ENV) or None
+    if name is not None and name not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={name!r} names no block kernel: set it to one of {sorted(KERNELS)}, or unset it")
+    return name
+
+
+_OVERRIDE: str | None = _kernel_from_environment()
 
 
 def set_block_kernel(name: str | None) -> None:
-    """Force one block kernel by name (see `KERNELS`), or None to choose automatically."""
+    """Force one block kernel by name (see `KERNELS`), or None to choose automatically. The
+    environment variable LIGHTNING_SEQPAR_KERNEL sets the starting value."""
     global _OVERRIDE
     if name is not None and name not in KERNELS:
         raise ValueError(f"unknown block kernel {name!r}: use one of {sorted(KERNELS)} or None")
@@ -248,7 +262,7 @@ def block_kernel_override() -> str | None:
 
 
 # Ranks on different kernels could send partial gradients of different dtypes, so sizes.
-register_shared_setting("set_block_kernel", lambda: 1 + sorted(KERNELS).index(_OVERRIDE) if _OVERRIDE in KERNELS else 0)
+register_shared_setting("set_block_kernel", lambda: 0 if _OVERRIDE is None else 1 + sorted(KERNELS).index(_OVERRIDE))
 
 
 def _cudnn_usable(q) -> bool:

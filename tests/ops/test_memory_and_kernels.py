@@ -120,6 +120,23 @@ def test_unknown_kernel_name():
         set_block_kernel("triton")
 
 
+def test_kernel_environment_variable_is_checked_at_import(monkeypatch):
+    """LIGHTNING_SEQPAR_KERNEL is read when the package is imported (`_kernel_from_environment`
+    gives the starting override): a bad name fails there, naming the fix, not at the first
+    call, on that rank alone, inside the ring."""
+    from lightning_seqpar.ops import _kernels
+
+    monkeypatch.setenv(_kernels.KERNEL_ENV, "math")
+    assert _kernels._kernel_from_environment() == "math"
+    monkeypatch.setenv(_kernels.KERNEL_ENV, "")
+    assert _kernels._kernel_from_environment() is None
+    monkeypatch.delenv(_kernels.KERNEL_ENV)
+    assert _kernels._kernel_from_environment() is None
+    monkeypatch.setenv(_kernels.KERNEL_ENV, "triton")
+    with pytest.raises(ValueError, match=r"LIGHTNING_SEQPAR_KERNEL='triton' names no block kernel: set it to one of .* or unset it"):
+        _kernels._kernel_from_environment()
+
+
 @pytest.mark.parametrize("kernel_name", ["math", "cpu_flash"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("causal", [False, True])
