@@ -145,6 +145,11 @@ def _nccl_to_self(device: torch.device, comm_priority: str):
 
 
 def _shut_down(backend) -> None:
+    # Graphs still captured hold this backend's NCCL work: drop them, and let the device finish,
+    # before the backend goes. `trace.py --cuda-graphs`, which never dropped its graphs, did not
+    # exit after writing its files.
+    _graphs.clear_cuda_graphs()
+    torch.cuda.synchronize()
     # Newer releases name it `shutdown`, older ones `_shutdown`.
     (getattr(backend, "shutdown", None) or backend._shutdown)()
 

@@ -1,7 +1,8 @@
-"""Where the compute stream of a traced ring waits, and on what.
+"""Where the compute of a traced ring waits, and on what.
 
-Reads a Chrome trace written by `benchmarks/trace.py` and lists the compute stream's device
-work in order (kernels, memsets, memcpys) with the idle time before each item. Every gap is
+Reads a Chrome trace written by `benchmarks/trace.py` and lists the compute's device work in
+order (kernels, memsets, memcpys; everything but the transfers, on whichever streams a replayed
+CUDA graph spreads it over) with the idle time before each item. Every gap is
 put down to one of two causes, from the CPU-side launch call of the item after it (matched by
 the profiler's correlation id):
 
@@ -19,15 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-DEVICE_CATEGORIES = ("kernel", "gpu_memset", "gpu_memcpy")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.trace import device_work  # noqa: E402
 
 
 def short_name(name: str) -> str:
     """A kernel's family, not its template arguments."""
-    for marker, label in (("cudnn", "cudnn"), ("flash", "flash"), ("fmha", "fmha"), ("fold_kernel", "fold"),
+    for marker, label in (("fprop", "cudnn fwd"), ("bprop", "cudnn bwd"), ("dot_do_o", "cudnn dO.O"),
+                          ("convert_dq", "cudnn dQ cast"), ("cudnn", "cudnn"), ("flash", "flash"), ("fmha", "fmha"), ("fold_kernel", "fold"),
                           ("elementwise_kernel", "elementwise"), ("CatArrayBatchedCopy", "stack/cat"),
                           ("reduce_kernel", "reduce"), ("Memset", "memset"), ("Memcpy", "memcpy")):
         if marker in name:
@@ -36,20 +41,15 @@ def short_name(name: str) -> str:
 
 
 def compute_timeline(trace: dict) -> tuple[list[dict], float]:
-    """The busiest stream's items in start order, each with its gap and the gap's cause, and
-    the sum of the other streams' busy time."""
+    """The compute work's items in start order (`benchmarks.trace.device_work`: all but NCCL's
+    kernels where there are any, else the busiest stream's), each with the time since the
+    compute before it last ended and that gap's cause, and the transfers' summed busy time."""
     events = trace["traceEvents"]
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    by_stream: dict[int, list] = defaultdict(list)
-    for e in events:
-        if e.get("cat") in DEVICE_CATEGORIES and "dur" in e:
-            by_stream[e["args"].get("stream", e.get("tid"))].append(e)
-    busy = {s: sum(e["dur"] for e in items) for s, items in by_stream.items()}
-    compute = max(busy, key=busy.get)
-    items = sorted(by_stream[compute], key=lambda e: e["ts"])
+    compute, transfers = device_work(events)
     timeline, previous_end = [], None
-    for e in items:
+    for e in sorted(compute, key=lambda e: e["ts"]):
         launch = launches.get(e["args"].get("correlation"))
         gap = 0.0 if previous_end is None else max(0.0, e["ts"] - previous_end)
         launched = None if launch is None else launch["ts"] + launch["dur"]
@@ -58,8 +58,7 @@ def compute_timeline(trace: dict) -> tuple[list[dict], float]:
             cause = "cpu" if launched > previous_end else "wait"
         timeline.append({"name": short_name(e["name"]), "start": e["ts"], "dur": e["dur"], "gap": gap, "cause": cause})
         previous_end = e["ts"] + e["dur"] if previous_end is None else max(previous_end, e["ts"] + e["dur"])
-    others = sum(b for s, b in busy.items() if s != compute)
-    return timeline, others
+    return timeline, sum(e["dur"] for e in transfers)
 
 
 def summarize(path: Path, show: int) -> None:
@@ -72,9 +71,9 @@ def summarize(path: Path, show: int) -> None:
     idle = defaultdict(float)
     for item in timeline:
         idle[item["cause"] or "unknown"] += item["gap"]
-    print(f"## {path.name}: compute stream span {span / 1e3:.3f} ms, busy {sum(t['dur'] for t in timeline) / 1e3:.3f} ms, "
+    print(f"## {path.name}: compute span {span / 1e3:.3f} ms, busy {sum(t['dur'] for t in timeline) / 1e3:.3f} ms, "
           f"idle {sum(idle.values()) / 1e3:.3f} ms (" + ", ".join(f"{k} {v / 1e3:.3f}" for k, v in sorted(idle.items())) +
-          f"); other streams busy {others / 1e3:.3f} ms")
+          f"); transfers busy {others / 1e3:.3f} ms")
     for name, (count, total) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
         print(f"   {name:>14} x{count:<4} {total / 1e3:8.3f} ms")
     print("   largest gaps (us before the item, its cause):")
