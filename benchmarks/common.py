@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.simulated_ring import COMM_PRIORITIES, DEFAULT_TRANSFER, TRANSFERS, set_transfer
-from lightning_seqpar.ops import backward_blocks_per_call, set_backward_blocks_per_call
+from lightning_seqpar.ops import _merge, backward_blocks_per_call, set_backward_blocks_per_call
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -65,19 +65,22 @@ def one_shape_parser(doc: str, tokens: int, head_dim: int) -> argparse.ArgumentP
 
 
 def add_ring_arguments(parser: argparse.ArgumentParser) -> None:
-    """How the simulated ring moves its blocks, and how its backward groups them."""
+    """How the simulated ring moves its blocks, and how its backward groups and folds them."""
     parser.add_argument("--transfer", choices=TRANSFERS, default=DEFAULT_TRANSFER,
                         help="how a simulated ring transfer copies on CUDA (benchmarks/simulated_ring.py)")
     parser.add_argument("--comm-priority", choices=COMM_PRIORITIES, default="normal",
                         help="priority of NCCL's stream for the simulated transfers (results/transfer_schedule_trial.txt)")
     parser.add_argument("--backward-blocks-per-call", type=int, default=backward_blocks_per_call(),
                         help="visiting blocks per block call in the ring's backward (set_backward_blocks_per_call)")
+    parser.add_argument("--gradient-parts-per-fold", type=int, default=_merge.GRADIENT_PARTS_PER_FOLD,
+                        help="gradient partials that wait for one fold on CUDA (_merge.set_gradient_parts_per_fold)")
 
 
 def apply_ring_args(args: argparse.Namespace) -> None:
     """Set what `add_ring_arguments`' options chose."""
     set_transfer(args.transfer, args.comm_priority)
     set_backward_blocks_per_call(args.backward_blocks_per_call)
+    _merge.set_gradient_parts_per_fold(args.gradient_parts_per_fold)
 
 
 def parse_attention_args(parser: argparse.ArgumentParser) -> argparse.Namespace:

@@ -17,9 +17,11 @@ How many wait is a trade of memory for traffic. The output waits for up to
 `OUTPUT_PARTS_PER_FOLD` (8) blocks, so a ring of 8 folds once, straight into the output's dtype:
 18 bytes per output element against 26 with two folds of 4, and no float32 running result. It
 is a forward-only transient of eight block outputs. Gradients wait for up to
-`GRADIENT_PARTS_PER_FOLD` (4): the backward keeps dQ, dK and dV building at once, each holding
-its waiting partials, at the step's peak. Either way waiting blocks are each at most the size of
-the local rows, so memory stays O(L_local) whatever the ring's size.
+`GRADIENT_PARTS_PER_FOLD` (8) as well: the backward keeps dQ, dK and dV building at once, each
+holding its waiting partials, so this costs more memory at the backward's peak than the
+output's eight do (measured in `GRADIENT_PARTS_PER_FOLD`'s comment). Either way waiting blocks
+are each at most the size of the local rows, so memory stays O(L_local) whatever the ring's
+size.
 
 Elsewhere (CPU, float64, no Triton) each block is merged or added as it comes, eagerly, in the
 accumulation dtype.
@@ -34,14 +36,33 @@ import torch
 import torch.nn.functional as F
 
 from lightning_seqpar.ops._blocks import EMPTY_LSE, all_rows, row_view
+from lightning_seqpar.ops._graphs import clear_cuda_graphs
 from lightning_seqpar.ops._kernels import accumulation_dtype, accumulator_like
 
 # Block results one fold kernel launch reads (its argument slots).
 KERNEL_SLOTS = 8
-# Block results that wait for one fold (see the module's docstring): all of a ring of 8 for the
-# output; half as many for each gradient, of which the backward builds three at once.
+# Block results that wait for one fold (see the module's docstring): all of a ring of 8, for the
+# output and for each gradient. For gradients the choice was measured together with the
+# backward's blocks per call (ring_attention.BLOCKS_PER_BACKWARD_CALL), replayed on an H100,
+# simulated N = 8, 4K and 8K tokens per rank (2026-11-26, benchmarks/results/gradient_folds_h100.txt):
+# 8 parts with 4 blocks per call took 0.960-0.982 of the forward+backward time of 4 parts with
+# 2 in 7 of 8 rows over two rounds (the eighth 1.016), where either change alone was mixed; on
+# a second machine 0.965-0.997, faster in 15 of 16 pairs. The pair's price: one rank's
+# attention peak 228 -> 260 MiB at L = 16K (N = 8, `attention_memory.py`); the 0.97B model's
+# step kept its peak (ratio 1.000 to the model at L/N without SP).
 OUTPUT_PARTS_PER_FOLD = 8
-GRADIENT_PARTS_PER_FOLD = 4
+GRADIENT_PARTS_PER_FOLD = 8
+
+
+def set_gradient_parts_per_fold(parts: int) -> None:
+    """Gradient partials that wait for one fold on CUDA (1 to `KERNEL_SLOTS`; default 8). For
+    measuring: fewer hold less memory and read the float32 running sum more often. Drops
+    captured CUDA graphs, since a captured backward keeps the value it was captured with."""
+    global GRADIENT_PARTS_PER_FOLD
+    if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= KERNEL_SLOTS:
+        raise ValueError(f"set_gradient_parts_per_fold takes a whole number from 1 to {KERNEL_SLOTS}; got {parts!r}")
+    GRADIENT_PARTS_PER_FOLD = parts
+    clear_cuda_graphs()
 
 
 def merge_block_eager_(out, lse, block_out, block_lse) -> None:
@@ -230,13 +251,16 @@ class _BlockFold:
     rest are merged or added as they come, in the accumulation dtype."""
 
     weighted: bool
-    parts_per_fold: int
+
+    @staticmethod
+    def parts_per_fold() -> int:
+        raise NotImplementedError
 
     def __init__(self, q: torch.Tensor, kernel):
         self.q, self.kernel = q, kernel
         self.acc = accumulation_dtype(q.dtype)
         self._fold = _fused_fold(q)
-        self._limit = self.parts_per_fold if self._fold is not None else 1
+        self._limit = self.parts_per_fold() if self._fold is not None else 1
         self._parts: list[tuple[slice, torch.Tensor, torch.Tensor | None]] = []
         self._running: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -313,7 +337,10 @@ class MergedOutput(_BlockFold):
     """
 
     weighted = True
-    parts_per_fold = OUTPUT_PARTS_PER_FOLD
+
+    @staticmethod
+    def parts_per_fold() -> int:
+        return OUTPUT_PARTS_PER_FOLD
 
     def add(self, rows: slice, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
         self._add(rows, block_out, block_lse)
@@ -329,7 +356,11 @@ class SummedRows(_BlockFold):
     accumulation dtype; rows no block covered are 0."""
 
     weighted = False
-    parts_per_fold = GRADIENT_PARTS_PER_FOLD
+
+    @staticmethod
+    def parts_per_fold() -> int:
+        # Read at every call: `set_gradient_parts_per_fold` changes it.
+        return GRADIENT_PARTS_PER_FOLD
 
     def add(self, rows: slice, block: torch.Tensor) -> None:
         self._add(rows, block, None)

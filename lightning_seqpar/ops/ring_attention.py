@@ -5,7 +5,7 @@ from its owner two steps before it is used (`_comm.ring_visit`'s direct walk). A
 one fused block kernel returns (out_b, lse_b) for the visiting block, and the blocks' results
 are merged in float32 (a few at a time: `_merge.MergedOutput`). The backward walks the ring
 again, K and V laid out sequence-major, each owner sending only the rows its visitor reads,
-two blocks per visit into one buffer where one block call can read both
+four blocks per visit into one buffer where one block call can read them together
 (`set_backward_blocks_per_call`): each block's gradient is
 computed from the *global* out and lse, dQ accumulates at home, and each rank's dK/dV partials
 for the visiting blocks are sent straight to their owners, which sum them a few at a time
@@ -65,19 +65,18 @@ def ring_attention_forward(q, k, v, ring: Ring, masks, *, causal, scale, layout)
 # Blocks that one backward visit gives to one block call where their key rows allow (see
 # `_pieces.visit_plan`). A block kernel's backward spends a fixed share of every call on the
 # query rows (their dO.O and the float32 dQ it accumulates), so fewer, longer calls pay it less
-# often. In the ring, replayed on an H100 (simulated N = 8, 4K and 8K tokens per rank,
-# 2026-11-26, benchmarks/results/backward_blocks_per_call_h100.txt): 2 took 0.952-0.991 of 1's
-# forward+backward time (means of three rounds, 22 of 24 pairs faster) and 4 took 0.965-0.992
-# of 2's; 1 was level with the backward before the sequence-major layout. The price is held
-# K/V and dK/dV: one rank's attention peak 204 / 228 / 252 MiB at 1 / 2 / 4 (L = 16K), while
-# the 0.97B model's step peaked where it did at 1 and 2. 2 is the default: about half of 4's
-# gain for half of its extra memory.
-BLOCKS_PER_BACKWARD_CALL = 2
+# often. The price is held K/V and dK/dV. Replayed on an H100 (simulated N = 8, 4K and 8K tokens
+# per rank, 2026-11-26): 2 took 0.952-0.991 of 1's forward+backward time
+# (benchmarks/results/backward_blocks_per_call_h100.txt), and 4, with the gradients' partials
+# folded eight at a time (`_merge.GRADIENT_PARTS_PER_FOLD`), 0.960-0.997 of 2 with four
+# (benchmarks/results/gradient_folds_h100.txt, two machines). One rank's attention peak at
+# L = 16K: 204 / 228 / 260 MiB at 1 / 2 / 4 (the last with eight parts per fold).
+BLOCKS_PER_BACKWARD_CALL = 4
 
 
 def set_backward_blocks_per_call(blocks: int) -> None:
     """Visiting blocks that the ring's backward gives to one block call where their key rows
-    allow (default 2; 1 uses each block as soon as it lands). More blocks per call means fewer,
+    allow (default 4; 1 uses each block as soon as it lands). More blocks per call means fewer,
     longer kernel calls, and more K/V blocks held with their dK/dV waiting to be sent (see
     `BLOCKS_PER_BACKWARD_CALL`). Drops captured CUDA graphs, since a captured backward keeps
     the value it was captured with."""

@@ -146,11 +146,18 @@ def test_fused_output_folds_a_ring_of_eight_once_and_more_in_eights(monkeypatch)
         assert out.dtype == torch.bfloat16 and _relative(out.float(), want) <= 8e-3
 
 
-def test_fused_gradient_folds_four_blocks_at_a_time(monkeypatch):
-    """Gradients hold fewer partials: 9 blocks fold as 4 into a float32 running sum, 4 more
-    into it, then the last one into the gradient's dtype."""
+@pytest.mark.parametrize("parts,want_folds", [
+    # The default: 9 blocks fold as 8 into a float32 running sum, then the last one with it
+    # into the gradient's dtype.
+    (None, [(8, False, torch.float32), (1, True, torch.bfloat16)]),
+    (4, [(4, False, torch.float32), (4, True, torch.float32), (1, True, torch.bfloat16)]),
+])
+def test_fused_gradient_folds_wait_for_their_parts(monkeypatch, parts, want_folds):
     folds = _fold_with_reference(monkeypatch)
-    assert _merge.GRADIENT_PARTS_PER_FOLD == 4
+    assert _merge.GRADIENT_PARTS_PER_FOLD == 8 <= _merge.KERNEL_SLOTS
+    if parts is not None:
+        monkeypatch.setattr(_merge, "GRADIENT_PARTS_PER_FOLD", _merge.GRADIENT_PARTS_PER_FOLD)  # restored after
+        _merge.set_gradient_parts_per_fold(parts)
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(B, H, L, D, generator=gen).bfloat16()
     summed, want = _merge.SummedRows(q, KERNELS["math"]), torch.zeros(q.shape, dtype=torch.float64)
@@ -159,8 +166,15 @@ def test_fused_gradient_folds_four_blocks_at_a_time(monkeypatch):
         summed.add(rows, block)
         want[:, :, rows] += block.double()
     got = summed.result()
-    assert folds == [(4, False, torch.float32), (4, True, torch.float32), (1, True, torch.bfloat16)]
+    assert folds == want_folds
     assert got.dtype == torch.bfloat16 and _relative(got.double(), want) <= 8e-3
+
+
+@pytest.mark.parametrize("bad", [0, 9, 2.0, True, "4"])
+def test_gradient_parts_per_fold_takes_what_the_kernel_has_slots_for(bad):
+    with pytest.raises(ValueError, match="set_gradient_parts_per_fold takes a whole number from 1 to 8"):
+        _merge.set_gradient_parts_per_fold(bad)
+    assert _merge.GRADIENT_PARTS_PER_FOLD == 8
 
 
 def test_one_block_over_every_row_comes_back_as_it_is(fold_path):
