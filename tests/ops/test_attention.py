@@ -216,13 +216,30 @@ def run_ring_shard_blocks_per_call(blocks, *args):
 @pytest.mark.parametrize("causal,layout", [(False, "contiguous"), (True, "contiguous"), (True, "zigzag")])
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_ring_backward_matches_sdpa_for_any_blocks_per_call(process_pools, world_size, causal, layout, masked, blocks):
-    """The default (four blocks per backward call) runs in `test_matches_single_process_sdpa`:
-    at 4 ranks its one visit holds three blocks, whose pieces don't all lie side by side in the
-    buffer, and at 3 ranks two (full visits of four run in `test_merge`'s simulated rank of 8).
-    Here one block per call uses each block alone, and two pair blocks of one kind and of both
-    kinds, with a visit of one left over at 4 ranks."""
+    """The default (four blocks per backward call) runs in `test_matches_single_process_sdpa`
+    (at 4 ranks one visit of three blocks, whose pieces don't all lie side by side in the
+    buffer) and in `test_ring_backward_visits_of_four_blocks`. Here one block per call uses
+    each block alone, and two pair blocks of one kind and of both kinds, with a visit of one
+    left over at 4 ranks."""
     seed = 101 + 7 * world_size + blocks
     results = process_pools(world_size).run_ok(run_ring_shard_blocks_per_call, blocks, seed, 4, 2, torch.float64, masked,
+                                               causal, layout)
+    expected = reference(*make_inputs(seed, world_size, 4, 2, torch.float64, masked), causal)
+    for name, i in zip(["out", "dq", "dk", "dv"], range(4)):
+        err = relative_error(unshard_sequence([r[i] for r in results], 2, layout), expected[i])
+        assert err <= TOLERANCE[torch.float64], f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal,layout", [(False, "contiguous"), (True, "zigzag")])
+def test_ring_backward_visits_of_four_blocks(process_pools, causal, layout, masked):
+    """The default backward at 6 ranks: the own block, one visit of four blocks (steps 1-4, in
+    one buffer whose pieces don't all lie side by side under zigzag), then a visit of one;
+    against SDPA on the whole sequence in float64."""
+    assert backward_blocks_per_call() == 4  # the default, as the workers hold it
+    world_size = 6
+    seed = 211 + int(causal) + 2 * int(masked)
+    results = process_pools(world_size).run_ok(run_ring_shard_blocks_per_call, None, seed, 4, 2, torch.float64, masked,
                                                causal, layout)
     expected = reference(*make_inputs(seed, world_size, 4, 2, torch.float64, masked), causal)
     for name, i in zip(["out", "dq", "dk", "dv"], range(4)):

@@ -172,9 +172,17 @@ def test_an_unknown_schedule_is_refused_with_the_choices():
 
 def test_step_groups_put_the_own_block_alone_and_cover_every_step_once():
     assert step_groups(1, 2) == ((0,),)
+    assert step_groups(2, 4) == ((0,), (1,))
     assert step_groups(8, 2) == ((0,), (1, 2), (3, 4), (5, 6), (7,))
+    assert step_groups(8, 4) == ((0,), (1, 2, 3, 4), (5, 6, 7))
+    assert step_groups(4, 4) == ((0,), (1, 2, 3))
     assert step_groups(4, 1) == ((0,), (1,), (2,), (3,))
     assert step_groups(5, 3) == ((0,), (1, 2, 3), (4,))
+    for size in range(1, 18):
+        for per_visit in range(1, 6):
+            groups = step_groups(size, per_visit)
+            assert [s for g in groups for s in g] == list(range(size))
+            assert groups[0] == (0,) and max(map(len, groups)) <= per_visit
     with pytest.raises(ValueError, match="at least 1"):
         step_groups(4, 0)
 
@@ -200,3 +208,4 @@ def test_visits_of_two_blocks_post_the_next_visit_before_waiting():
     assert _comm.BLOCKS_IN_FLIGHT == 2
     assert log == ["post 1", "post 2", "visit (0,)", "post 3", "post 4", "wait 1", "wait 2", "visit (1, 2)",
                    "post 5", "wait 3", "wait 4", "visit (3, 4)", "wait 5", "visit (5,)"]
+

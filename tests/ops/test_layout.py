@@ -90,7 +90,7 @@ def cells_of_calls(calls):
     return cells
 
 
-@pytest.mark.parametrize("blocks", [1, 2, 3])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout,causal", [("contiguous", False), ("contiguous", True), ("zigzag", True), ("zigzag", False)])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
 def test_visit_plans_compute_exactly_the_cells_of_the_step_tasks(world_size, layout, causal, blocks):
