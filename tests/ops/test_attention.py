@@ -211,6 +211,16 @@ def run_ring_shard_blocks_per_call(blocks, *args):
         return run_shard("ring", *args)
 
 
+def check_ring_blocks_per_call(pool, blocks, seed, causal, layout, masked):
+    """The ring over `pool`'s ranks, `blocks` visiting blocks per backward call (None: as set),
+    against SDPA on the whole sequence in float64: out, dq, dk and dv."""
+    results = pool.run_ok(run_ring_shard_blocks_per_call, blocks, seed, 4, 2, torch.float64, masked, causal, layout)
+    expected = reference(*make_inputs(seed, pool.world_size, 4, 2, torch.float64, masked), causal)
+    for name, i in zip(["out", "dq", "dk", "dv"], range(4)):
+        err = relative_error(unshard_sequence([r[i] for r in results], 2, layout), expected[i])
+        assert err <= TOLERANCE[torch.float64], f"{name}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("blocks", [1, 2])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("causal,layout", [(False, "contiguous"), (True, "contiguous"), (True, "zigzag")])
@@ -221,13 +231,7 @@ def test_ring_backward_matches_sdpa_for_any_blocks_per_call(process_pools, world
     buffer) and in `test_ring_backward_visits_of_four_blocks`. Here one block per call uses
     each block alone, and two pair blocks of one kind and of both kinds, with a visit of one
     left over at 4 ranks."""
-    seed = 101 + 7 * world_size + blocks
-    results = process_pools(world_size).run_ok(run_ring_shard_blocks_per_call, blocks, seed, 4, 2, torch.float64, masked,
-                                               causal, layout)
-    expected = reference(*make_inputs(seed, world_size, 4, 2, torch.float64, masked), causal)
-    for name, i in zip(["out", "dq", "dk", "dv"], range(4)):
-        err = relative_error(unshard_sequence([r[i] for r in results], 2, layout), expected[i])
-        assert err <= TOLERANCE[torch.float64], f"{name}: relative error {err:.2e}"
+    check_ring_blocks_per_call(process_pools(world_size), blocks, 101 + 7 * world_size + blocks, causal, layout, masked)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
@@ -237,11 +241,4 @@ def test_ring_backward_visits_of_four_blocks(process_pools, causal, layout, mask
     one buffer whose pieces don't all lie side by side under zigzag), then a visit of one;
     against SDPA on the whole sequence in float64."""
     assert backward_blocks_per_call() == 4  # the default, as the workers hold it
-    world_size = 6
-    seed = 211 + int(causal) + 2 * int(masked)
-    results = process_pools(world_size).run_ok(run_ring_shard_blocks_per_call, None, seed, 4, 2, torch.float64, masked,
-                                               causal, layout)
-    expected = reference(*make_inputs(seed, world_size, 4, 2, torch.float64, masked), causal)
-    for name, i in zip(["out", "dq", "dk", "dv"], range(4)):
-        err = relative_error(unshard_sequence([r[i] for r in results], 2, layout), expected[i])
-        assert err <= TOLERANCE[torch.float64], f"{name}: relative error {err:.2e}"
+    check_ring_blocks_per_call(process_pools(6), None, 211 + int(causal) + 2 * int(masked), causal, layout, masked)
