@@ -208,4 +208,3 @@ def test_visits_of_two_blocks_post_the_next_visit_before_waiting():
     assert _comm.BLOCKS_IN_FLIGHT == 2
     assert log == ["post 1", "post 2", "visit (0,)", "post 3", "post 4", "wait 1", "wait 2", "visit (1, 2)",
                    "post 5", "wait 3", "wait 4", "visit (3, 4)", "wait 5", "visit (5,)"]
-
