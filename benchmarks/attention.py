@@ -36,7 +36,7 @@ from lightning_seqpar.ops import ATTENTION_OPS, backward_blocks_per_call, clear_
 from lightning_seqpar.ops._blocks import row_view  # noqa: E402
 from lightning_seqpar.ops._comm import step_groups  # noqa: E402
 from lightning_seqpar.ops._kernels import select_block_kernel  # noqa: E402
-from lightning_seqpar.ops._pieces import causal_step_tasks, visit_plan  # noqa: E402
+from lightning_seqpar.ops._pieces import buffer_rows, causal_step_tasks, visit_plan  # noqa: E402
 from lightning_seqpar.ops.ring_attention import from_sequence_major  # noqa: E402
 
 ALGORITHMS = ("ring", "allgather", "rsa")
@@ -99,8 +99,7 @@ def run_shape(a, dim, causal, tokens):
             if steps == (0,):
                 keys, values = k, v  # the own block, as the caller gave it
             else:
-                rows = max(seg.buffer.stop for call in plan for seg in call.segments)
-                buffer = torch.randn(2, rows, 1, heads, dim, device=device, dtype=dtype)
+                buffer = torch.randn(2, buffer_rows(plan), 1, heads, dim, device=device, dtype=dtype)
                 keys, values = (from_sequence_major(buffer[i]) for i in range(2))
             backward += [(q[:, :, c.q].contiguous(), row_view(keys, c.k), row_view(values, c.k), c.causal) for c in plan]
         return time_block_calls(kernel, calls, dim ** -0.5, device, a.reps, backward_calls=backward)

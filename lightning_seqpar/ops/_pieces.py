@@ -158,6 +158,11 @@ def _calls_in_order(rank, steps, world_size, local_len, layout, causal, order) -
     return tuple(merged)
 
 
+def buffer_rows(calls) -> int:
+    """The rows of a visit's buffer that its calls read: up to the last one (0 for none)."""
+    return max((seg.buffer.stop for call in calls for seg in call.segments), default=0)
+
+
 def visit_plan(rank: int, steps: tuple[int, ...], world_size: int, local_len: int, layout: str,
                causal: bool) -> tuple[tuple[tuple[int, int], ...], tuple[VisitCall, ...]]:
     """How `rank` visits the blocks of `steps` (owners rank - step) in one buffer: the order of
@@ -172,7 +177,6 @@ def visit_plan(rank: int, steps: tuple[int, ...], world_size: int, local_len: in
              for order in buffer_piece_orders(len(steps), layout)]
 
     def cost(plan):
-        segments = [seg for call in plan[1] for seg in call.segments]
-        return len(plan[1]), len(segments), max((seg.buffer.stop for seg in segments), default=0)
+        return len(plan[1]), sum(len(call.segments) for call in plan[1]), buffer_rows(plan[1])
 
     return min(plans, key=cost)

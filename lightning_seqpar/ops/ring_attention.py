@@ -25,7 +25,7 @@ from lightning_seqpar.ops._common import expand_heads, gather_key_padding_masks,
 from lightning_seqpar.ops._graphs import clear_cuda_graphs, graphed
 from lightning_seqpar.ops._kernels import block_grad_dtype, head_expansion, select_block_kernel
 from lightning_seqpar.ops._merge import MergedOutput, SummedRows
-from lightning_seqpar.ops._pieces import causal_step_tasks, visit_plan
+from lightning_seqpar.ops._pieces import buffer_rows, causal_step_tasks, visit_plan
 
 @functools.lru_cache(maxsize=4096)
 def _step_tasks(rank: int, owner: int, size: int, local_len: int, layout: str, causal: bool) -> tuple:
@@ -151,7 +151,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, ring: Ring, masks, *, causa
         return [row_view(local[t], seg.local, dim=0) for t in range(2) for seg in segments]
 
     def receive(steps: tuple) -> tuple:
-        rows = max((seg.buffer.stop for call in plan(ring.rank, steps)[1] for seg in call.segments), default=0)
+        rows = buffer_rows(plan(ring.rank, steps)[1])
         buffer = torch.empty((2, rows, *local.shape[2:]), dtype=k.dtype, device=k.device)
         recvs = [[row_view(buffer[t], seg.buffer, dim=0) for t in range(2) for seg in read(ring.rank, step)] for step in steps]
         return buffer, recvs
