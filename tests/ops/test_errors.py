@@ -14,6 +14,7 @@ from lightning_seqpar.ops import (
     set_backward_blocks_per_call,
     set_block_kernel,
 )
+from lightning_seqpar.ops._kernels import block_kernel_override
 from lightning_seqpar.ops.auto_attention import allgather_below
 
 WORLD_SIZE = 2
@@ -66,7 +67,7 @@ def call_with_a_setting_of_its_own(algo, setting):
     settings = {
         "set_backward_blocks_per_call": (backward_blocks_per_call, set_backward_blocks_per_call, 3),
         "set_allgather_below": (allgather_below, set_allgather_below, 1),
-        "set_block_kernel": (lambda: None, set_block_kernel, "math"),
+        "set_block_kernel": (block_kernel_override, set_block_kernel, "math"),
     }
     read, write, other = settings[setting]
     saved = read()
