@@ -23,6 +23,13 @@ eagerly before the pass, as every call gathers them) are one more input copied i
 
 Each signature keeps its graph's memory (the pass's temporaries, its input copies and outputs)
 until `clear_cuda_graphs()`; every layer of a model shares one graph per pass.
+
+A process group must outlive the graphs that talk on it: destroying an NCCL group while a
+graph still holds its work never returns. So once a graph on a group is captured,
+`torch.distributed.destroy_process_group` drops that group's graphs before it destroys the group
+(`_graphs_go_before_their_group`). A reference to that function taken before the first capture
+(`from torch.distributed import destroy_process_group`) bypasses this: call
+`clear_cuda_graphs()` before it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from lightning_seqpar.ops._kernels import block_kernel_override
 
@@ -116,6 +124,40 @@ def clear_cuda_graphs() -> None:
     _CACHE.clear()
 
 
+def _drop_graphs_of(group) -> int:
+    """Drop the graphs (and the first calls seen) that talk on `group`, or on any group where
+    `group` is None or the world's, whose destruction takes every group with it; returns how
+    many went."""
+    every = group is None or group is dist.group.WORLD
+    gone = [key for key, entry in _CACHE.items() if every or entry.group is group]
+    for key in gone:
+        del _CACHE[key]
+    return len(gone)
+
+
+def _graphs_go_before_their_group() -> None:
+    """Make `torch.distributed.destroy_process_group` drop the graphs of the groups it destroys
+    before it destroys them. With a replayed ring's graphs still held, `destroy_process_group()`
+    did not return on 2 x H200 (2026-11-26, two ranks over NCCL, killed after 60 s); with the
+    graphs dropped first it returned at once. Lightning calls it at exit for NCCL runs, and
+    scripts call it last, after a training loop that need not have cleared anything. Installed
+    once; later calls find it in place."""
+    original = dist.destroy_process_group
+    if getattr(original, "drops_ring_graphs", False):
+        return
+
+    @functools.wraps(original)
+    def destroy_process_group(group=None, *args, **kwargs):
+        if _drop_graphs_of(group) and torch.cuda.is_available() and torch.cuda.is_initialized():
+            # A replay of a dropped graph may still be running on the group's communicator.
+            torch.cuda.synchronize()
+        return original(group, *args, **kwargs)
+
+    destroy_process_group.drops_ring_graphs = True
+    destroy_process_group.original = original
+    dist.destroy_process_group = c10d.destroy_process_group = destroy_process_group
+
+
 def captured_signatures() -> int:
     """How many signatures hold a captured graph."""
     return sum(isinstance(entry, _Captured) for entry in _CACHE.values())
@@ -177,6 +219,8 @@ def graphed(fn: Callable) -> Callable:
                     f"lightning_seqpar.ops.set_cuda_graphs(False) or SeqParStrategy(cuda_graphs=False)"
                 ) from error
             _CACHE[key] = entry
+            if group is not None:
+                _graphs_go_before_their_group()
         return entry(inputs)
 
     return run

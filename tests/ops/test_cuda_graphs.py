@@ -17,9 +17,15 @@ cases skip there.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from lightning_seqpar.layout import shard_sequence
 from lightning_seqpar.ops import _graphs, captured_signatures, clear_cuda_graphs, ring_attention, set_cuda_graphs
@@ -183,6 +189,61 @@ def test_graph_input_copies_keep_values_and_layouts_and_lay_k_and_v_side_by_side
     assert odd_copies[0].untyped_storage().data_ptr() != odd_copies[1].untyped_storage().data_ptr()
 
 
+def test_dropping_the_graphs_of_one_group_keeps_the_others():
+    class Entry:
+        def __init__(self, group):
+            self.group = group
+
+    first, second = object(), object()
+    _graphs._CACHE.update({"a": Entry(first), "b": Entry(second), "c": Entry(first)})
+    try:
+        assert _graphs._drop_graphs_of(first) == 2
+        assert [entry.group for entry in _graphs._CACHE.values()] == [second]
+        _graphs._CACHE["d"] = Entry(None)  # a ring of one rank talks on no group
+        assert _graphs._drop_graphs_of(None) == 2  # destroying the world takes every group
+        assert not _graphs._CACHE
+    finally:
+        _graphs._CACHE.clear()
+
+
+def graphs_on_two_groups_then_each_destroyed() -> list:
+    """In each rank of a gloo pool: graphs (the capture stubbed out) on two groups of the same
+    ranks, then each group destroyed through `dist.destroy_process_group`; what was left after
+    each step."""
+    saved = (_graphs._capturable, _graphs._Captured, dist.destroy_process_group, c10d.destroy_process_group)
+    _graphs._capturable = lambda tensors, ring: True
+    _graphs._Captured = FakeCapture
+    set_cuda_graphs(True)
+    clear_cuda_graphs()
+    try:
+        first, second = dist.new_group(), dist.new_group()
+        run = _graphs.graphed(lambda x, ring, masks: (2 * x,))
+        x = torch.ones(3)
+        for group in (first, second):
+            for _ in range(2):  # eager, then captured
+                assert torch.equal(run(x, Ring(group), None)[0], 2 * x)
+        seen = [captured_signatures(), getattr(dist.destroy_process_group, "drops_ring_graphs", False),
+                dist.destroy_process_group is c10d.destroy_process_group]
+        dist.destroy_process_group(first)
+        seen += [captured_signatures(), [entry.group is second for entry in _graphs._CACHE.values()]]
+        dist.destroy_process_group(second)
+        seen.append(captured_signatures())
+        return seen
+    finally:
+        _graphs._capturable, _graphs._Captured, dist.destroy_process_group, c10d.destroy_process_group = saved
+        set_cuda_graphs(False)
+        clear_cuda_graphs()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_destroying_a_group_first_drops_its_graphs(process_pools, world_size):
+    """Destroying an NCCL group under a captured graph hangs (see `_graphs_go_before_their_group`):
+    the first capture on a group makes `destroy_process_group` drop that group's graphs, and
+    only those, before the group goes."""
+    for seen in process_pools(world_size).run_ok(graphs_on_two_groups_then_each_destroyed):
+        assert seen == [2, True, True, 1, [True], 0]
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the GPU machine)")
 
 
@@ -242,3 +303,16 @@ def test_a_graph_captured_under_inference_mode_replays_in_training(graphs_on):
             assert max(errors.values()) <= 1e-5, (seed, errors)
         with torch.inference_mode():
             ring_attention(q, k, v, causal=True, layout="zigzag")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: a ring of two ranks over NCCL")
+def test_destroying_the_group_after_replays_returns():
+    """Two ranks over NCCL replay the ring, then call `destroy_process_group()` with the graphs
+    still held (as a script ends, or Lightning's exit handler): each rank must get past it."""
+    script = Path(__file__).with_name("two_gpu_destroy.py")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(script)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("destroyed with 2 graphs held") == 2, done.stdout
