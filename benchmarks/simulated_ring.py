@@ -60,7 +60,14 @@ _COPY_STREAMS: dict = {}
 #   posted as one coalesced pair as `Ring._post` posts it: NCCL's own kernels on NCCL's own
 #   stream, and its host-side posting cost (31 us per exchange on an H200 host, against 52 us
 #   through `batch_isend_irecv`, which the ring used until 2026-11-26).
-# Measured on an H200 at 8K tokens per rank (benchmarks/results/simulated_transfer_cuda.txt):
+# - "peer": each transfer goes to a second GPU and back by peer copies, in chunks on
+#   two side streams so that the two hops overlap: copy engines over NVLink, no SMs, and this
+#   GPU's memory read once and written once per transfer, as a real rank's is at a step where it
+#   sends a block and receives one. What a transport on copy engines (peer-mapped or symmetric
+#   memory) would give a ring inside one node; the ops have no such transport. Needs two GPUs
+#   and CuPy, which issues the copies on this GPU's streams, so that a capture takes them in.
+# Measured on an H200 at 8K tokens per rank (benchmarks/results/simulated_transfer_cuda.txt),
+# and for "peer" on two:
 # - memcpy: one ~125 us stall of the compute stream per backward step, ending when the dK/dV
 #   copy ends, with a cuDNN memset just before the stalled kernel: likely the memset waiting
 #   behind the copy on the copy engine, which NCCL's kernels would not cause. 2.2 ms of 56 ms
@@ -68,10 +75,14 @@ _COPY_STREAMS: dict = {}
 # - kernel: 16 programs copy at ~350 GB/s (the memcpy at ~1.7 TB/s), and their blocks
 #   seem to get SMs only between the attention kernels' waves: ring efficiency falls by 0.07-0.32;
 #   19 ms idle.
+# - peer (2 x H200, 2026-11-26, results/peer_transfer_h200x2.txt): a block crosses at ~0.3 TB/s
+#   each way, about four times slower than NCCL's copy to itself; the forward's attention calls
+#   no longer slow down beside the transfers (forward 3-5% faster at 4K), but the backward's
+#   first and last visits wait on the link (forward+backward 2-7% slower).
 # NCCL is the default: it is what the ring runs on, and it removes the memcpy's stalls
 # (1.6 ms idle of 30.7 ms -> 0.6 ms at 8K causal, D = 128) at the price of NCCL's kernels
 # taking SMs, so the ring's timings moved by no more than noise.
-TRANSFERS = ("memcpy", "kernel", "nccl")
+TRANSFERS = ("memcpy", "kernel", "nccl", "peer")
 DEFAULT_TRANSFER = "nccl"
 _transfer = DEFAULT_TRANSFER
 # Programs of the copy kernel: NCCL sends to one peer over a few channels, a CTA each.
@@ -121,6 +132,70 @@ def _kernel_copy():
         copy_kernel[(COPY_PROGRAMS,)](words_in, words_out, words_in.numel(), BLOCK=4096, num_warps=8)
 
     return copy
+
+
+# The "peer" mode's chunk: small enough that the hop back starts soon after the hop out, large
+# enough that a copy engine runs at full rate.
+PEER_CHUNK_BYTES = 8 << 20
+
+
+class _PeerCopies:
+    """Copies by way of the next GPU: `send` out to a staging buffer there and back into `recv`,
+    chunk by chunk, the hop out on one stream and the hop back on another."""
+
+    def __init__(self, device: torch.device):
+        import cupy
+
+        if torch.cuda.device_count() < 2:
+            raise RuntimeError('the "peer" transfer needs a second GPU')
+        self.here, self.there = device.index, (device.index + 1) % torch.cuda.device_count()
+        for a, b in ((self.here, self.there), (self.there, self.here)):
+            if not torch.cuda.can_device_access_peer(a, b):
+                raise RuntimeError(f"GPU {a} cannot reach GPU {b} as a peer")
+            with cupy.cuda.Device(a):
+                try:
+                    cupy.cuda.runtime.deviceEnablePeerAccess(b)
+                except cupy.cuda.runtime.CUDARuntimeError:
+                    pass  # already enabled
+        # cudaMemcpyAsync on unified addresses, not cudaMemcpyPeerAsync, which a capture refuses.
+        default = cupy.cuda.runtime.memcpyDefault
+        self.memcpy = lambda dst, src, size, stream: cupy.cuda.runtime.memcpyAsync(dst, src, size, default, stream)
+        self.out, self.back = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        self.stage = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", self.there))
+
+    def __call__(self, sends: list[torch.Tensor], recvs: list[torch.Tensor]) -> torch.cuda.Event:
+        sizes = [send.numel() * send.element_size() for send in sends]
+        if sum(sizes) > self.stage.numel():
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the peer staging buffer would grow inside a capture: run the shape eagerly first")
+            self.stage = torch.empty(sum(sizes), dtype=torch.uint8, device=self.stage.device)
+        # Both hops start after the work queued so far, as NCCL's do; and the hop out may
+        # overwrite the staging buffer only once the last transfer's hop back has read it.
+        # (`back` joins the current stream first, so that inside a capture the event of this
+        # wait is captured too.)
+        current = torch.cuda.current_stream()
+        self.out.wait_stream(current)
+        self.back.wait_stream(current)
+        self.out.wait_stream(self.back)
+        stage = self.stage.data_ptr()
+        for send, recv, size in zip(sends, recvs, sizes):
+            for start in range(0, size, PEER_CHUNK_BYTES):
+                chunk = min(PEER_CHUNK_BYTES, size - start)
+                self.memcpy(stage + start, send.data_ptr() + start, chunk, self.out.cuda_stream)
+                landed = torch.cuda.Event()
+                landed.record(self.out)
+                self.back.wait_event(landed)
+                self.memcpy(recv.data_ptr() + start, stage + start, chunk, self.back.cuda_stream)
+            stage += size
+        for send, recv in zip(sends, recvs):
+            send.record_stream(self.out)
+            recv.record_stream(self.back)
+        done = torch.cuda.Event()
+        done.record(self.back)
+        return done
+
+
+_PEER_COPIES: dict = {}
 
 
 def _copy(send: torch.Tensor, recv: torch.Tensor) -> None:
@@ -182,6 +257,11 @@ def _simulated_transfers(sends: list[torch.Tensor], recvs: list[torch.Tensor] | 
         return recvs, []
     if _transfer == "nccl":
         return _nccl_transfer(sends, recvs)
+    if _transfer == "peer":
+        device = sends[0].device
+        if device not in _PEER_COPIES:
+            _PEER_COPIES[device] = _PeerCopies(device)
+        return recvs, [_StreamWork(_PEER_COPIES[device](sends, recvs))]
     stream = _COPY_STREAMS.setdefault(sends[0].device, torch.cuda.Stream(sends[0].device))
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -248,8 +328,8 @@ def every_rank_holds_mine():
     originals = {target: getattr(*target) for target in stand_ins}
     for (owner, name), stand_in in stand_ins.items():
         setattr(owner, name, stand_in)
-    # Through NCCL the simulated transfers are capturable, as the ring's are.
-    capturable = _transfer == "nccl"
+    # Through NCCL or peer copies the simulated transfers are capturable, as the ring's are.
+    capturable = _transfer in ("nccl", "peer")
     if capturable:
         _graphs.CAPTURABLE_BACKENDS.add("fake")
     try:

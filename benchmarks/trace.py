@@ -59,21 +59,22 @@ def _intersection(a, b):
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def _is_nccl(event: dict) -> bool:
-    return "nccl" in event["name"].lower()
+def _is_transfer(event: dict) -> bool:
+    """NCCL's kernels, and the peer copies of the simulated "peer" transfer."""
+    return "nccl" in event["name"].lower() or "PtoP" in event["name"]
 
 
 def device_work(events: list[dict]) -> tuple[list[dict], list[dict]]:
     """A trace's device items (kernels, memcpys, memsets), split into (compute, transfers).
 
-    NCCL's kernels are the transfers wherever they run: a replayed CUDA graph runs its branches
-    on streams of its own, so one pass's compute is spread over several stream ids, and NCCL's
-    kernels may share one of them. Without NCCL (the simulated memcpy and copy-kernel
-    transfers, which are never captured) the busiest stream is the compute stream and the
+    NCCL's kernels (and peer copies) are the transfers wherever they run: a replayed CUDA graph
+    runs its branches on streams of its own, so one pass's compute is spread over several stream
+    ids, and NCCL's kernels may share one of them. Without either (the simulated memcpy and
+    copy-kernel transfers, which are never captured) the busiest stream is the compute stream and the
     others carry the transfers."""
     items = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and "dur" in e]
-    if any(_is_nccl(e) for e in items):
-        return [e for e in items if not _is_nccl(e)], [e for e in items if _is_nccl(e)]
+    if any(_is_transfer(e) for e in items):
+        return [e for e in items if not _is_transfer(e)], [e for e in items if _is_transfer(e)]
     by_stream: dict = {}
     for e in items:
         by_stream.setdefault(e["args"].get("stream", e.get("tid")), []).append(e)

@@ -6,7 +6,8 @@ checked with the capture itself stubbed out.
 
 On a CUDA machine: one simulated rank of a ring of 4 (NCCL transfers to itself, the benchmarks'
 harness) makes five calls with fresh inputs each (eager, capture + replay, three replays), with
-and without a key padding mask that changes from call to call;
+and without a key padding mask that changes from call to call (on two GPUs, also three calls
+whose simulated transfers go to the other GPU and back);
 every call's output and dQ/dK/dV must match SDPA on the whole sequence (float64 reference;
 relative Frobenius error <= 1e-5 in float32, 2e-2 in bfloat16), and exactly one graph per pass
 must exist; under "auto", short chunks must take the replayed ring; a graph captured under
@@ -263,6 +264,26 @@ def test_replays_match_sdpa_on_the_whole_sequence(graphs_on, dtype, causal, mask
                                 layout="zigzag", dtype=dtype, device="cuda", masked=masked, seed=seed, simulated=False)
             assert max(errors.values()) <= tolerance, (seed, errors)
             assert captured_signatures() == (0 if seed == 0 else 2), seed
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='the simulation\'s "peer" transfer needs two GPUs')
+@pytest.mark.parametrize("causal", [False, True])
+def test_replays_through_peer_transfers_match_sdpa(graphs_on, causal):
+    """The benchmarks' "peer" transfer (copies to the other GPU and back, captured in the
+    graph): eager, captured and replayed calls match SDPA on the whole sequence."""
+    pytest.importorskip("cupy")
+    from benchmarks.simulated_ring import DEFAULT_TRANSFER, check_rank, set_transfer, simulated_rank
+
+    set_transfer("peer")
+    try:
+        with simulated_rank(1, 4):
+            for seed in range(3):
+                errors = check_rank("ring", 1, 4, batch=2, hq=4, hkv=2, local_len=256, dim=64, causal=causal,
+                                    layout="zigzag", dtype=torch.float32, device="cuda", seed=seed, simulated=False)
+                assert max(errors.values()) <= 1e-5, (seed, errors)
+                assert captured_signatures() == (0 if seed == 0 else 2), seed
+    finally:
+        set_transfer(DEFAULT_TRANSFER)
 
 
 @needs_cuda
