@@ -6,8 +6,8 @@ checked with the capture itself stubbed out.
 
 On a CUDA machine: one simulated rank of a ring of 4 (NCCL transfers to itself, the benchmarks'
 harness) makes five calls with fresh inputs each (eager, capture + replay, three replays), with
-and without a key padding mask that changes from call to call (on two GPUs, also three calls
-whose simulated transfers go to the other GPU and back);
+and without a key padding mask that changes from call to call (on two GPUs with CuPy, again with
+the simulated transfers going to the other GPU and back);
 every call's output and dQ/dK/dV must match SDPA on the whole sequence (float64 reference;
 relative Frobenius error <= 1e-5 in float32, 2e-2 in bfloat16), and exactly one graph per pass
 must exist; under "auto", short chunks must take the replayed ring; a graph captured under
@@ -18,6 +18,7 @@ cases skip there.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -248,39 +249,30 @@ def test_destroying_a_group_first_drops_its_graphs(process_pools, world_size):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on the GPU machine)")
 
 
+# The benchmarks' "peer" transfer: each simulated transfer to the other GPU and back (CuPy issues
+# the copies), captured in the graph like NCCL's.
+peer_transfer = pytest.param("peer", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2 or importlib.util.find_spec("cupy") is None,
+    reason='the simulation\'s "peer" transfer needs two GPUs and CuPy'))
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True], ids=["", "padded"])
-def test_replays_match_sdpa_on_the_whole_sequence(graphs_on, dtype, causal, masked):
-    from benchmarks.simulated_ring import check_rank, set_transfer, simulated_rank
-
-    set_transfer("nccl")
-    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    rank, world = 1, 4
-    with simulated_rank(rank, world):
-        for seed in range(5):  # padded: the padding's length changes with the seed
-            errors = check_rank("ring", rank, world, batch=2, hq=4, hkv=2, local_len=256, dim=64, causal=causal,
-                                layout="zigzag", dtype=dtype, device="cuda", masked=masked, seed=seed, simulated=False)
-            assert max(errors.values()) <= tolerance, (seed, errors)
-            assert captured_signatures() == (0 if seed == 0 else 2), seed
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='the simulation\'s "peer" transfer needs two GPUs')
-@pytest.mark.parametrize("causal", [False, True])
-def test_replays_through_peer_transfers_match_sdpa(graphs_on, causal):
-    """The benchmarks' "peer" transfer (copies to the other GPU and back, captured in the
-    graph): eager, captured and replayed calls match SDPA on the whole sequence."""
-    pytest.importorskip("cupy")
+@pytest.mark.parametrize("transfer", ["nccl", peer_transfer])
+def test_replays_match_sdpa_on_the_whole_sequence(graphs_on, dtype, causal, masked, transfer):
     from benchmarks.simulated_ring import DEFAULT_TRANSFER, check_rank, set_transfer, simulated_rank
 
-    set_transfer("peer")
+    set_transfer(transfer)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    rank, world = 1, 4
     try:
-        with simulated_rank(1, 4):
-            for seed in range(3):
-                errors = check_rank("ring", 1, 4, batch=2, hq=4, hkv=2, local_len=256, dim=64, causal=causal,
-                                    layout="zigzag", dtype=torch.float32, device="cuda", seed=seed, simulated=False)
-                assert max(errors.values()) <= 1e-5, (seed, errors)
+        with simulated_rank(rank, world):
+            for seed in range(5):  # padded: the padding's length changes with the seed
+                errors = check_rank("ring", rank, world, batch=2, hq=4, hkv=2, local_len=256, dim=64, causal=causal,
+                                    layout="zigzag", dtype=dtype, device="cuda", masked=masked, seed=seed, simulated=False)
+                assert max(errors.values()) <= tolerance, (seed, errors)
                 assert captured_signatures() == (0 if seed == 0 else 2), seed
     finally:
         set_transfer(DEFAULT_TRANSFER)
