@@ -154,7 +154,6 @@ def _graphs_go_before_their_group() -> None:
         return original(group, *args, **kwargs)
 
     destroy_process_group.drops_ring_graphs = True
-    destroy_process_group.original = original
     dist.destroy_process_group = c10d.destroy_process_group = destroy_process_group
 
 

@@ -2,7 +2,8 @@
 
 On CPU (here and in CI): the setting leaves every call eager, with results bit for bit those of
 the eager ring on gloo, 2 and 4 ranks, and nothing captured. The signature bookkeeping is
-checked with the capture itself stubbed out.
+checked with the capture itself stubbed out, and so is dropping a group's graphs when
+`destroy_process_group` destroys it (gloo, 2 and 4 ranks).
 
 On a CUDA machine: one simulated rank of a ring of 4 (NCCL transfers to itself, the benchmarks'
 harness) makes five calls with fresh inputs each (eager, capture + replay, three replays), with
@@ -11,7 +12,8 @@ the simulated transfers going to the other GPU and back);
 every call's output and dQ/dK/dV must match SDPA on the whole sequence (float64 reference;
 relative Frobenius error <= 1e-5 in float32, 2e-2 in bfloat16), and exactly one graph per pass
 must exist; under "auto", short chunks must take the replayed ring; a graph captured under
-inference mode (Lightning's validation) must replay in training. Run with
+inference mode (Lightning's validation) must replay in training; on two GPUs, two ranks over
+NCCL that destroy their process group with replayed graphs still held must get past it. Run with
 `python -m pytest tests/ops/test_cuda_graphs.py` on the GPU machine; CI has none, so those
 cases skip there.
 """
