@@ -165,10 +165,11 @@ class _PeerCopies:
 
     def __call__(self, sends: list[torch.Tensor], recvs: list[torch.Tensor]) -> torch.cuda.Event:
         sizes = [send.numel() * send.element_size() for send in sends]
-        if sum(sizes) > self.stage.numel():
+        needed = sum(sizes)
+        if needed > self.stage.numel():
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("the peer staging buffer would grow inside a capture: run the shape eagerly first")
-            self.stage = torch.empty(sum(sizes), dtype=torch.uint8, device=self.stage.device)
+            self.stage = torch.empty(needed, dtype=torch.uint8, device=self.stage.device)
         # Both hops start after the work queued so far, as NCCL's do; and the hop out may
         # overwrite the staging buffer only once the last transfer's hop back has read it.
         # (`back` joins the current stream first, so that inside a capture the event of this

@@ -41,7 +41,6 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst.copy_(src)
 
 
-
 def us(fn) -> float:
     return time_ms(fn, "cuda", 50, warmup=5) * 1e3
 

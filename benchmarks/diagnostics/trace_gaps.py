@@ -41,9 +41,10 @@ def short_name(name: str) -> str:
 
 
 def compute_timeline(trace: dict) -> tuple[list[dict], float]:
-    """The compute work's items in start order (`benchmarks.trace.device_work`: all but NCCL's
-    kernels where there are any, else the busiest stream's), each with the time since the
-    compute before it last ended and that gap's cause, and the transfers' summed busy time."""
+    """The compute work's items in start order (`benchmarks.trace.device_work`: all but the
+    transfers, NCCL's kernels or peer copies, where there are any, else the busiest stream's),
+    each with the time since the compute before it last ended and that gap's cause, and the
+    transfers' summed busy time."""
     events = trace["traceEvents"]
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
