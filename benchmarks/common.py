@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.simulated_ring import COMM_PRIORITIES, DEFAULT_TRANSFER, TRANSFERS, set_transfer
 from lightning_seqpar.ops import _merge, backward_blocks_per_call, set_backward_blocks_per_call
@@ -126,6 +127,18 @@ def time_ms(fn, device: str, reps: int, warmup: int = 2) -> float:
         fn()
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def whole_sequence_sdpa_ms(heads: int, seq_len: int, dim: int, causal: bool, dtype: torch.dtype, device: str,
+                           reps: int) -> tuple[float, float]:
+    """Forward, and forward+backward, milliseconds of one fused SDPA call (torch's choice of
+    backend) on the whole sequence: the baseline of every ring efficiency."""
+    whole = [torch.randn(1, heads, seq_len, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    grad = torch.randn_like(whole[0])
+    forward = time_ms(lambda: F.scaled_dot_product_attention(*whole, is_causal=causal), device, reps)
+    both = time_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(*whole, is_causal=causal), whole, grad),
+                   device, reps)
+    return forward, both
 
 
 def time_block_calls(kernel, calls: list, scale: float, device: str, reps: int,

@@ -20,9 +20,8 @@ import sys
 
 sys.path.insert(0, ".")
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import card, time_block_calls, time_ms
+from benchmarks.common import card, time_block_calls, time_ms, whole_sequence_sdpa_ms
 from lightning_seqpar.ops._kernels import KERNELS
 from lightning_seqpar.ops._pieces import causal_step_tasks
 
@@ -105,12 +104,7 @@ flex = Flex()
 print(f"# {card('cuda')} | torch {torch.__version__} | bf16 | {a.heads} heads | N = {n}, rank 0 of zigzag")
 print(f"{'D':>4} {'mask':>7} {'tok':>6} {'kernel':>6} {'calls':>5} {'err':>8} | {'fwd ms':>7} {'eff':>5} | {'f+b ms':>7} {'eff':>5}")
 for dim, causal, tokens in itertools.product(a.head_dims, [False, True], a.tokens):
-    whole = [torch.randn(1, a.heads, n * tokens, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
-    grad = torch.randn_like(whole[0])
-    sdpa_f = time_ms(lambda: F.scaled_dot_product_attention(*whole, is_causal=causal), "cuda", a.reps)
-    sdpa_fb = time_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(*whole, is_causal=causal), whole, grad),
-                      "cuda", a.reps)
-    del whole, grad
+    sdpa_f, sdpa_fb = whole_sequence_sdpa_ms(a.heads, n * tokens, dim, causal, dtype, "cuda", a.reps)
     q, k, v = (torch.randn(1, a.heads, tokens, dim, device="cuda", dtype=dtype) for _ in range(3))
     scale = dim ** -0.5
     tasks = [t for s in range(n) for t in causal_step_tasks(0, (0 - s) % n, n, tokens, "zigzag", causal)]

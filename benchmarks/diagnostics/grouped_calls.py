@@ -14,9 +14,8 @@ import sys
 
 sys.path.insert(0, ".")
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import time_block_calls, time_ms
+from benchmarks.common import time_block_calls, whole_sequence_sdpa_ms
 from lightning_seqpar.ops._kernels import select_block_kernel
 from lightning_seqpar.ops._pieces import causal_step_tasks
 
@@ -51,12 +50,7 @@ def grouped(tasks_by_step, g):
 print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | bf16 | {a.heads} heads | N = {n}")
 print(f"{'D':>4} {'mask':>7} {'tok':>6} {'rank':>4} {'G':>2} {'calls':>5} | {'fwd ms':>7} {'eff':>5} | {'f+b ms':>7} {'eff':>5}")
 for dim, causal, tokens in itertools.product(a.head_dims, [False, True], a.tokens):
-    whole = [torch.randn(1, a.heads, n * tokens, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
-    grad = torch.randn_like(whole[0])
-    sdpa_f = time_ms(lambda: F.scaled_dot_product_attention(*whole, is_causal=causal), "cuda", a.reps)
-    sdpa_fb = time_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(*whole, is_causal=causal), whole, grad),
-                      "cuda", a.reps)
-    del whole, grad
+    sdpa_f, sdpa_fb = whole_sequence_sdpa_ms(a.heads, n * tokens, dim, causal, dtype, "cuda", a.reps)
     q, k, v = (torch.randn(1, a.heads, tokens, dim, device="cuda", dtype=dtype) for _ in range(3))
     kernel = select_block_kernel(q, has_bias=False)
     scale = dim ** -0.5
