@@ -10,7 +10,8 @@ Triton attention torch ships (it also returns the lse). This times one rank's ri
 as fast as the kernel it is built from, so FlexAttention's column is the ceiling of that
 route. Prints efficiency = SDPA on the whole sequence / (N x the calls' time), forward and
 forward+backward; every kernel's out and lse are first checked against float32 matmul
-attention on the first call's shape.
+attention on two heads of the first two calls (under a causal mask: the own block's square
+causal call and a visiting block's full one).
 
     python benchmarks/diagnostics/accumulating_kernels.py --tokens 4096 8192
 """
