@@ -20,11 +20,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import apply_ring_args, one_shape_parser, time_ms  # noqa: E402
+from benchmarks.common import apply_ring_args, one_shape_parser, time_ms, whole_sequence_sdpa_ms  # noqa: E402
 from benchmarks.simulated_ring import every_rank_holds_mine, fake_group  # noqa: E402
 from lightning_seqpar.ops._comm import Ring  # noqa: E402
 from lightning_seqpar.ops._graphs import _Captured  # noqa: E402
@@ -45,12 +44,7 @@ def main():
     def randn(length):
         return torch.randn(1, a.heads, length, a.head_dim, device="cuda", dtype=dtype)
 
-    whole = [randn(n * a.tokens).requires_grad_() for _ in range(3)]
-    sdpa_fwd = time_ms(lambda: F.scaled_dot_product_attention(*whole, is_causal=a.causal), "cuda", a.reps)
-    grad_whole = torch.randn_like(whole[0])
-    sdpa_fwdbwd = time_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(*whole, is_causal=a.causal), whole, grad_whole),
-                          "cuda", a.reps)
-    del whole, grad_whole
+    sdpa_fwd, sdpa_fwdbwd = whole_sequence_sdpa_ms(a.heads, n * a.tokens, a.head_dim, a.causal, dtype, "cuda", a.reps)
 
     q, k, v, dout = (randn(a.tokens) for _ in range(4))
     with fake_group(0, n), every_rank_holds_mine():
